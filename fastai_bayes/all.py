@@ -1,0 +1,6 @@
+"Everything public in fastai_bayes: `from fastai_bayes.all import *` (hand-written, not generated)"
+from .datasets import *
+from .dropout import *
+from .uncertainty import *
+from .sampling import *
+from .callback.mc import *
