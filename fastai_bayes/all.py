@@ -4,3 +4,5 @@ from .dropout import *
 from .uncertainty import *
 from .sampling import *
 from .callback.mc import *
+from .predictions import *
+from .metrics import *

@@ -60,14 +60,15 @@ def stochastic_modules(
         if p > 0 or not active: res.append(StochasticModule(name, m, spec['mask'], float(p)))
     return res
 
-# %% ../nbs/10_dropout.ipynb #f005c168
+# %% ../nbs/10_dropout.ipynb #9faab406
 def no_dropout_msg(model:nn.Module) -> str:
     "An error message naming how to give `model` active dropout"
     if isinstance(model, TabularModel) or any(isinstance(m, TabularModel) for m in model.modules()):
         fix = ("create the learner with dropout, e.g. `tabular_learner(dls, layers=[200,100], "
                "config=tabular_config(ps=[0.1,0.1], embed_p=0.1))` (the default `tabular_learner` has p=0 everywhere)")
     elif any(isinstance(m, SentenceEncoder) for m in model.modules()):
-        fix = "create the text learner with `drop_mult` > 0, e.g. `text_classifier_learner(dls, AWD_LSTM, drop_mult=0.5)`"
+        fix = ("create the text learner with `drop_mult` > 0 (and head dropout `ps`), e.g. "
+               "`text_classifier_learner(dls, AWD_LSTM, drop_mult=0.5)`")
     else:
         fix = ("for a vision learner pass `ps` > 0, e.g. `vision_learner(dls, resnet18, ps=0.5)`; in your own model "
                "add `nn.Dropout(p)` layers")

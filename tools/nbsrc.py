@@ -37,7 +37,7 @@ def to_nb(src, dest):
         cells.append(c)
     nb = dict(cells=cells, metadata=dict(kernelspec=dict(display_name='python3', language='python', name='python3')),
               nbformat=4, nbformat_minor=5)
-    Path(dest).write_text(json.dumps(nb, indent=1, ensure_ascii=False) + '\n')
+    Path(dest).write_text(json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False) + '\n')
 
 def to_src(nb):
     out = []
