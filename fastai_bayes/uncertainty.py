@@ -8,7 +8,7 @@ from fastai.basics import *
 
 # %% auto #0
 __all__ = ['entropy', 'bernoulli_entropy', 'predictive_entropy', 'expected_entropy', 'mutual_information', 'variation_ratio',
-           'sample_std', 'max_prob', 'margin', 'MCStats']
+           'sample_std', 'max_prob', 'margin', 'regression_variance', 'MCStats']
 
 # %% ../nbs/20_uncertainty.ipynb #0eec27c6
 def _f32(x): return torch.as_tensor(x).float()
@@ -79,6 +79,17 @@ def margin(probs) -> Tensor:
     "Difference between the two largest mean predictive probabilities"
     top = _f32(probs).topk(2, dim=-1)[0]
     return top[...,0] - top[...,1]
+
+# %% ../nbs/20_uncertainty.ipynb #e0b9fed2
+def regression_variance(
+    mu_samples, # Per-pass predicted means, T×N×...
+    var_samples=None, # Per-pass predicted variances (heteroscedastic models), T×N×...; None: no aleatoric part
+) -> dict:
+    "Predictive variance of a regression model: `total` = `epistemic` (spread of the passes) + `aleatoric` (mean predicted variance)"
+    mu = _f32(mu_samples)
+    epi = mu.var(0, correction=0)
+    alea = torch.zeros_like(epi) if var_samples is None else _f32(var_samples).mean(0)
+    return dict(total=epi + alea, epistemic=epi, aleatoric=alea)
 
 # %% ../nbs/20_uncertainty.ipynb #d0e1b5b6
 class MCStats:

@@ -7,7 +7,7 @@ from fastai.tabular.all import *
 from fastai_bayes.all import *
 
 def _fit(learn, epochs=1, lr=1e-2):
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
+    with no_random(0), learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
     return learn
 
 def tiny_cnn(pretrained=False, **kwargs):
@@ -125,16 +125,16 @@ def test_text_passes_draw_independent_masks(text_learn):
     _only_shared_masks(learn)
     try:
         dl = learn.dls.test_dl(learn.dls.valid_ds.items.iloc[:128], with_labels=True)
-        n = 30
+        n = 60   # one mask per pass is shared by all items: the spread is estimated from n draws, ±13% (1 s.e.) at n=60
         torch.manual_seed(0); ref = _hand_loop(learn, dl, n)
         res = learn.mc_predict(dl, n=n, seed=1)
         ref_spread, spread = ref.std(0, correction=0).mean().item(), res.std.mean().item()
         assert ref_spread > 1e-3                               # the shared-mask modules do make passes differ
-        assert spread == pytest.approx(ref_spread, rel=0.15)    # ... and by as much as truly independent passes
+        assert spread == pytest.approx(ref_spread, rel=0.35)    # ... and by as much as truly independent passes
         se = ((ref.var(0) + res.std**2) / n).sqrt()
         assert ((res.probs - ref.mean(0)).abs() <= 5*se + 1e-4).float().mean() > 0.99
+        assert not MCPlan(learn.model).tileable     # shared masks: one forward per pass
         # the test can fail: tiling replicates in one forward shares the masks and collapses the spread
-        from fastai_bayes.sampling import MCPlan
         orig = MCPlan.__init__
         def tiled(self, model): orig(self, model); self.tileable = True
         MCPlan.__init__ = tiled

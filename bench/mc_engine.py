@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""Sampling-engine benchmark: fastai's MC-dropout recipe (n x `get_preds` with fastai's `MCDropoutCallback`) against
+`learn.mc_predict(dl, n)`, relative to one deterministic `get_preds`, on small learners trained on the offline data.
+Prints one table: median seconds over `--runs` runs, ratios, peak extra memory (CPU: resident set; CUDA: allocated).
+  python bench/mc_engine.py [--n 20] [--runs 3] [--only vision,tabular,text]
+Ratios measured within one run are what to compare; absolute seconds depend on the machine."""
+import argparse, ctypes, gc, os, statistics, sys, time, warnings
+warnings.filterwarnings('ignore')
+import torch
+from fastai.vision.all import *
+from fastai.text.all import *
+from fastai.tabular.all import *
+from fastai.callback.preds import MCDropoutCallback as FastaiMCDropout
+from fastai_bayes.all import *
+
+def _rss_reset():
+    "Give freed heap pages back to the OS, then restart the peak-RSS counter, so the peak seen is this call's working set"
+    try: ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except OSError: pass
+    try: Path('/proc/self/clear_refs').write_text('5')
+    except OSError: pass
+
+def _kib(field):
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith(field): return int(line.split()[1])
+    return 0
+
+def measure(f, device):
+    "Seconds, and peak memory above what was in use when `f` started (MiB)"
+    gc.collect()
+    if device.type == 'cuda':
+        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
+    else: _rss_reset(); base = _kib('VmRSS:') * 1024
+    t = time.perf_counter(); f()
+    if device.type == 'cuda': torch.cuda.synchronize(); peak = torch.cuda.max_memory_allocated()
+    else: peak = _kib('VmHWM:') * 1024
+    return time.perf_counter() - t, max(0, peak - base) / 2**20
+
+def fastai_recipe(learn, dl, n):
+    "What the source article and fastai's callback suggest: n x get_preds with dropout on, then the mean"
+    return torch.stack([learn.get_preds(dl=dl, cbs=[FastaiMCDropout()])[0] for _ in range(n)]).mean(0)
+
+def quiet(learn):
+    learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, ProgressCallback)])
+    learn.logger = noop
+    return learn
+
+def vision(device):
+    df = mnist_sample(640, seed=0, valid_pct=0.2)
+    dls = ImageDataLoaders.from_df(df, df.attrs['path'], fn_col='fname', label_col='label', valid_col='is_valid',
+                                   bs=64, num_workers=0, device=device)
+    learn = quiet(vision_learner(dls, resnet18, pretrained=False, metrics=accuracy))
+    learn.fit_one_cycle(1, 1e-2)
+    return 'vision_learner resnet18, 28px MNIST PNGs', learn, dls.valid
+
+def tabular(device):
+    df = adult_census(8000, seed=0)
+    dls = TabularDataLoaders.from_df(df, y_names='loan', cat_names=df.attrs['cat_names'], cont_names=df.attrs['cont_names'],
+                                     procs=[Categorify, FillMissing, Normalize], valid_idx=list(df.index[df.is_valid]),
+                                     bs=256, device=device)
+    learn = quiet(tabular_learner(dls, layers=[200, 100], config=tabular_config(ps=[0.1, 0.1], embed_p=0.1), metrics=accuracy))
+    learn.fit_one_cycle(1, 1e-2)
+    return 'tabular_learner [200,100] ps=0.1 embed_p=0.1, Adult', learn, dls.valid
+
+def text(device):
+    df = rotten_tomatoes(1600, seed=0)
+    dls = TextDataLoaders.from_df(df, text_col='text', label_col='label', valid_col='is_valid', bs=64, device=device)
+    learn = quiet(text_classifier_learner(dls, AWD_LSTM, pretrained=False, drop_mult=0.5, metrics=accuracy,
+                                          config=dict(emb_sz=200, n_hid=400, n_layers=2)))
+    learn.fit_one_cycle(1, 1e-2)
+    return 'text_classifier_learner AWD-LSTM (emb 200, hid 400, 2 layers), Rotten Tomatoes', learn, dls.valid
+
+def bench(make, device, n, runs):
+    name, learn, dl = make(device)
+    dl = dl.new(shuffle=False)
+    strategies = {'get_preds (1 deterministic pass)': lambda: learn.get_preds(dl=dl),
+                  f'fastai recipe ({n} x get_preds)': lambda: fastai_recipe(learn, dl, n),
+                  f'mc_predict(n={n})': lambda: learn.mc_predict(dl, n=n),
+                  f'mc_predict(n={n}, max_bs=1): one forward per pass': lambda: learn.mc_predict(dl, n=n, max_bs=1)}
+    for f in strategies.values(): f()   # warm-up
+    rows = {}
+    for k, f in strategies.items():
+        ms = [measure(f, device) for _ in range(runs)]
+        rows[k] = (statistics.median(m[0] for m in ms), max(m[1] for m in ms))
+    plan = MCPlan(learn.model)
+    return name, rows, plan, len(dl.dataset)
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument('--n', type=int, default=20); ap.add_argument('--runs', type=int, default=3)
+    ap.add_argument('--only', default='vision,tabular,text')
+    a = ap.parse_args()
+    devices = [torch.device('cpu')] + ([torch.device('cuda')] if torch.cuda.is_available() else [])
+    t0 = time.time()
+    for device in devices:
+        print(f"\n## {device.type.upper()}: {torch.get_num_threads()} threads, torch {torch.__version__}, n={a.n}, median of {a.runs} runs\n")
+        print('| learner | strategy | seconds | × one get_preds | speed-up vs fastai recipe | peak extra MiB |')
+        print('|---|---|---|---|---|---|')
+        for k in a.only.split(','):
+            name, rows, plan, n_items = bench(globals()[k], device, a.n, a.runs)
+            base, recipe = rows['get_preds (1 deterministic pass)'][0], rows[f'fastai recipe ({a.n} x get_preds)'][0]
+            for s, (sec, mem) in rows.items():
+                print(f'| {name} ({n_items} items) | {s} | {sec:.3f} | {sec/base:.2f} | {recipe/sec:.1f} | {mem:.0f} |')
+            print(f'|  | engine plan: {len(plan.stages) - plan.split} of {len(plan.stages)} stages per pass, '
+                  f"{'tiled' if plan.tileable else 'one forward per pass (shared masks)'} | | | | |", flush=True)
+    # memory does not grow with n: the default result keeps running sums, not n x N x C samples
+    _, learn, dl = tabular(torch.device('cpu'))
+    mems = {n: measure(lambda: learn.mc_predict(dl, n=n, max_bs=4096), torch.device('cpu'))[1] for n in (20, 1000)}
+    print(f"\nmemory vs n (tabular, max_bs=4096, CPU): peak extra {mems[20]:.0f} MiB at n=20, {mems[1000]:.0f} MiB at n=1000")
+    print(f"total benchmark time {time.time()-t0:.0f} s")
+
+if __name__ == '__main__': main()
