@@ -85,7 +85,7 @@ def to_df(self:MCPredictions) -> pd.DataFrame:
         for k in ('entropy','expected_entropy','mutual_info','variation_ratio'): d[k] = self.score(k).numpy()
     return pd.DataFrame(d)
 
-# %% ../nbs/45_predictions.ipynb #62abc1b1
+# %% ../nbs/45_predictions.ipynb #7923312e
 def _vocab(dls):
     try: v = dls.vocab
     except Exception: return None
@@ -107,8 +107,7 @@ def mc_predict(self:Learner,
     kind:str|None=None, # 'softmax', 'sigmoid' or 'identity'; None: read off the loss function
 ) -> MCPredictions:
     "Monte Carlo dropout predictions on `dl`: `n` stochastic passes per item, one DataLoader pass"
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"n is the number of stochastic passes and must be an int >= 1, got {n!r}")
+    check_n(n)
     if not stochastic_modules(self.model): raise ValueError(no_dropout_msg(self.model))
     okind = output_kind(self.loss_func, kind)
     if dl is None: dl = self.dls[ds_idx].new(shuffle=False, drop_last=False)

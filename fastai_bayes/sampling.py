@@ -10,7 +10,8 @@ from .dropout import *
 from .uncertainty import MCStats
 
 # %% auto #0
-__all__ = ['OutputKind', 'output_kind', 'register_stages', 'model_stages', 'TabularInput', 'TabularJoin', 'MCPlan', 'MCSampler']
+__all__ = ['OutputKind', 'output_kind', 'register_stages', 'model_stages', 'TabularInput', 'TabularJoin', 'MCPlan', 'check_n',
+           'MCSampler']
 
 # %% ../nbs/30_sampling.ipynb #db16c85f
 class OutputKind:
@@ -150,11 +151,19 @@ def _untile(x, bs, t):
 
 def _first(o): return o[0] if isinstance(o, (tuple,list)) else o
 
-# %% ../nbs/30_sampling.ipynb #9b21f192
-def _row_bytes(args):
-    return sum(o[0].numel()*o.element_size() for o in L(args).concat() if isinstance(o, Tensor) and o.ndim) \
-        if any(isinstance(o, (tuple,list)) for o in args) else \
-        sum(o[0].numel()*o.element_size() for o in args if isinstance(o, Tensor) and o.ndim)
+# %% ../nbs/30_sampling.ipynb #28e377cb
+def _tensors(x):
+    if isinstance(x, Tensor): yield x
+    elif isinstance(x, (tuple,list)):
+        for o in x: yield from _tensors(o)
+
+def _row_bytes(args): return sum(o[0].numel()*o.element_size() for o in _tensors(args) if o.ndim)
+
+def check_n(n) -> int:
+    "`n` if it is a valid number of stochastic passes, else a clear error"
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n is the number of stochastic passes and must be an int >= 1, got {n!r}")
+    return n
 
 class MCSampler:
     "Runs `n` stochastic passes of `model` per batch and feeds their activated outputs to an `MCStats`"
@@ -164,8 +173,7 @@ class MCSampler:
         kind:str|OutputKind='softmax', # How outputs become probabilities
         max_bs:int|None=None, # Largest tiled batch per forward; None: chosen from a memory budget
     ):
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"n is the number of stochastic passes and must be an int >= 1, got {n!r}")
+        check_n(n)
         if max_bs is not None and max_bs < 1: raise ValueError(f"max_bs must be >= 1 or None, got {max_bs!r}")
         self.model,self.n,self.max_bs,self.plan = model,n,max_bs,MCPlan(model)
         self.kind = kind if isinstance(kind, OutputKind) else OutputKind(kind)
@@ -175,7 +183,7 @@ class MCSampler:
         "Passes per tiled forward for a batch of `bs` items"
         if self.max_bs is not None: return max(1, self.max_bs // bs)
         if self._budget_t is not None: return self._budget_t
-        dev = next((o.device for o in L(args).concat() if isinstance(o, Tensor)), torch.device('cpu'))
+        dev = next((o.device for o in _tensors(args)), torch.device('cpu'))
         budget = torch.cuda.mem_get_info(dev)[0] // 4 if dev.type=='cuda' else 256 * 2**20
         return max(1, int(budget // max(1, bs * 8 * _row_bytes(args))))
 

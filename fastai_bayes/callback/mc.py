@@ -29,7 +29,7 @@ class _MCForward:
         pred = cb.sampler.kind.inv(res['mean'])
         return (pred, *first[1:]) if isinstance(first, (tuple,list)) else pred
 
-# %% ../../nbs/40_callback.mc.ipynb #0e079e7c
+# %% ../../nbs/40_callback.mc.ipynb #0fc3391e
 class MCDropoutCallback(Callback):
     "Every non-training forward is the average of `n` stochastic passes (activation per pass, mean of probabilities)"
     order,run_train = 50,False
@@ -41,8 +41,7 @@ class MCDropoutCallback(Callback):
         gather:bool=False, # Keep every batch's per-item statistics in `self.gathered` (used by `mc_predict`)
         keep_samples:bool=False, # With `gather`, also keep every pass
     ):
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"n is the number of stochastic passes and must be an int >= 1, got {n!r}")
+        check_n(n)
         store_attr()
         self.sampler,self._model,self._rng,self.gathered = None,None,None,[]
 
