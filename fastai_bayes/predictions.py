@@ -12,7 +12,7 @@ from .sampling import *
 from .callback.mc import *
 
 # %% auto #0
-__all__ = ['MCPredictions']
+__all__ = ['MCPredictions', 'sampled_predictions']
 
 # %% ../nbs/45_predictions.ipynb #0b8d76c3
 _score_doc = dict(entropy='predictive entropy H[p̄]', expected_entropy='aleatoric part E_t H[p_t]',
@@ -85,12 +85,47 @@ def to_df(self:MCPredictions) -> pd.DataFrame:
         for k in ('entropy','expected_entropy','mutual_info','variation_ratio'): d[k] = self.score(k).numpy()
     return pd.DataFrame(d)
 
-# %% ../nbs/45_predictions.ipynb #7923312e
+# %% ../nbs/45_predictions.ipynb #a7a4b2bf
 def _vocab(dls):
     try: v = dls.vocab
     except Exception: return None
     if v is not None and len(v) and is_listy(v[0]): v = v[-1]  # text classifiers: (token vocab, classes)
     return list(v) if v is not None else None
+
+def sampled_predictions(
+    learn:Learner, # Learner whose data handling and prediction loop run
+    cb:SamplingCallback, # Sampling callback for the passes; created with `gather=True`
+    dl:DataLoader|None=None, # `DataLoader` to predict on; default `learn.dls[ds_idx]`
+    ds_idx:int=1, # `DataLoader` to use if `dl` is None: 0 train, 1 valid
+    with_input:bool=False, # Keep the inputs in `res.inputs`
+    with_decoded:bool=True, # Decode the mean prediction with the loss function (`res.decoded`)
+    with_loss:bool=False, # Per-item loss of the mean prediction (for cross-entropy: its NLL) in `res.losses`
+    reorder:bool=True, # Items in dataset order, as `get_preds`
+) -> MCPredictions:
+    "One pass of `learn.get_preds` over `dl` with sampling callback `cb`: per-item statistics, in dataset order"
+    if dl is None: dl = learn.dls[ds_idx].new(shuffle=False, drop_last=False)
+    else:
+        try: len(dl)
+        except TypeError: raise TypeError(f"`dl` is {type(dl)} and has no len(dl): pass a DataLoader, e.g. `learn.dls.test_dl(items)`")
+    if isinstance(dl, DataLoader) and dl.drop_last: dl = dl.new(shuffle=False, drop_last=False)
+    if len(dl) == 0 or getattr(dl, 'n', 1) == 0:
+        raise ValueError("`dl` holds no items. Pass a DataLoader with at least one item, e.g. `learn.dls.test_dl(items)`")
+    idxs = dl.get_idxs() if reorder and hasattr(dl, 'get_idxs') else None
+    if idxs is not None: dl = dl.new(get_idxs=_ConstantFunc(idxs))
+    with learn.removed_cbs(learn._grab_cbs(SamplingCallback)):
+        out = list(learn.get_preds(dl=dl, with_input=with_input, with_loss=with_loss, reorder=False, cbs=cb))
+    inputs = out.pop(0) if with_input else None
+    _,targs = out[:2]
+    losses = out[2] if with_loss else None
+    st = {k: torch.cat([b[k] for b in cb.gathered], dim=1 if k=='samples' else 0) for k in cb.gathered[0]}
+    if idxs is not None:
+        o = tensor(idxs).argsort()
+        st = {k: v[:,o] if k=='samples' else v[o] for k,v in st.items()}
+        inputs,targs,losses = nested_reorder((inputs,targs,losses), o)
+    decoded = getcallable(learn.loss_func, 'decodes')(st['mean']) if with_decoded else None
+    kind,n = cb.kind_n
+    return MCPredictions(kind.name, n, targs=targs, decoded=decoded, inputs=inputs, losses=losses,
+                         vocab=_vocab(learn.dls), **st)
 
 @patch
 def mc_predict(self:Learner,
@@ -109,27 +144,7 @@ def mc_predict(self:Learner,
     "Monte Carlo dropout predictions on `dl`: `n` stochastic passes per item, one DataLoader pass"
     check_n(n)
     if not stochastic_modules(self.model): raise ValueError(no_dropout_msg(self.model))
-    okind = output_kind(self.loss_func, kind)
-    if dl is None: dl = self.dls[ds_idx].new(shuffle=False, drop_last=False)
-    else:
-        try: len(dl)
-        except TypeError: raise TypeError(f"`dl` is {type(dl)} and has no len(dl): pass a DataLoader, e.g. `learn.dls.test_dl(items)`")
-    if isinstance(dl, DataLoader) and dl.drop_last: dl = dl.new(shuffle=False, drop_last=False)
-    if len(dl) == 0 or getattr(dl, 'n', 1) == 0:
-        raise ValueError("`dl` holds no items. Pass a DataLoader with at least one item, e.g. `learn.dls.test_dl(items)`")
-    idxs = dl.get_idxs() if reorder and hasattr(dl, 'get_idxs') else None
-    if idxs is not None: dl = dl.new(get_idxs=_ConstantFunc(idxs))
-    cb = MCDropoutCallback(n, max_bs=max_bs, kind=okind, seed=seed, gather=True, keep_samples=with_samples)
-    with self.removed_cbs(self._grab_cbs(MCDropoutCallback)):
-        out = list(self.get_preds(dl=dl, with_input=with_input, with_loss=with_loss, reorder=False, cbs=cb))
-    inputs = out.pop(0) if with_input else None
-    _,targs = out[:2]
-    losses = out[2] if with_loss else None
-    st = {k: torch.cat([b[k] for b in cb.gathered], dim=1 if k=='samples' else 0) for k in cb.gathered[0]}
-    if idxs is not None:
-        o = tensor(idxs).argsort()
-        st = {k: v[:,o] if k=='samples' else v[o] for k,v in st.items()}
-        inputs,targs,losses = nested_reorder((inputs,targs,losses), o)
-    decoded = getcallable(self.loss_func, 'decodes')(st['mean']) if with_decoded else None
-    return MCPredictions(okind.name, n, targs=targs, decoded=decoded, inputs=inputs, losses=losses,
-                         vocab=_vocab(self.dls), **st)
+    cb = MCDropoutCallback(n, max_bs=max_bs, kind=output_kind(self.loss_func, kind), seed=seed, gather=True,
+                           keep_samples=with_samples)
+    return sampled_predictions(self, cb, dl, ds_idx, with_input=with_input, with_decoded=with_decoded,
+                               with_loss=with_loss, reorder=reorder)

@@ -10,7 +10,7 @@ from ..uncertainty import MCStats
 from ..sampling import *
 
 # %% auto #0
-__all__ = ['MCDropoutCallback']
+__all__ = ['SamplingCallback', 'MCDropoutCallback']
 
 # %% ../../nbs/40_callback.mc.ipynb #e8bc28b6
 class _MCForward:
@@ -29,29 +29,29 @@ class _MCForward:
         pred = cb.sampler.kind.inv(res['mean'])
         return (pred, *first[1:]) if isinstance(first, (tuple,list)) else pred
 
-# %% ../../nbs/40_callback.mc.ipynb #0fc3391e
-class MCDropoutCallback(Callback):
-    "Every non-training forward is the average of `n` stochastic passes (activation per pass, mean of probabilities)"
+# %% ../../nbs/40_callback.mc.ipynb #4527650d
+class SamplingCallback(Callback):
+    "Every non-training forward is the mean of the passes of the sampler `make_sampler()` returns"
     order,run_train = 50,False
     def __init__(self,
-        n:int=20, # Number of stochastic passes
-        max_bs:int|None=None, # Largest tiled batch per forward; None: chosen from a memory budget
-        kind:str|OutputKind|None=None, # 'softmax', 'sigmoid' or 'identity'; None: read off the loss function
         seed:int|None=None, # Seed the passes of each validation; the global random state is restored afterwards
         gather:bool=False, # Keep every batch's per-item statistics in `self.gathered` (used by `mc_predict`)
         keep_samples:bool=False, # With `gather`, also keep every pass
     ):
-        check_n(n)
         store_attr()
-        self.sampler,self._model,self._rng,self.gathered = None,None,None,[]
+        self.sampler,self._model,self._rng,self.gathered,self.kind_n = None,None,None,[],None
+
+    def make_sampler(self):
+        "A sampler: `.kind` (an `OutputKind`), `.n` (passes per item) and `.sample(xb, stats)`"
+        raise NotImplementedError
 
     def before_validate(self):
         "Plan the passes; seed them if asked"
         if self.seed is not None:
             self._rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
             torch.manual_seed(self.seed)
-        self.sampler = MCSampler(self.model, self.n, output_kind(self.loss_func, self.kind), self.max_bs)
-        self.gathered = []
+        self.sampler = self.make_sampler()
+        self.gathered,self.kind_n = [],(self.sampler.kind, self.sampler.n)
 
     def before_batch(self):
         "Hand the next model call to the sampler"
@@ -73,3 +73,20 @@ class MCDropoutCallback(Callback):
     def after_cancel_batch(self): self._restore()
     def after_validate(self): self._end()
     def after_fit(self): self._end()
+
+# %% ../../nbs/40_callback.mc.ipynb #89e49847
+class MCDropoutCallback(SamplingCallback):
+    "Every non-training forward is the average of `n` stochastic passes (activation per pass, mean of probabilities)"
+    def __init__(self,
+        n:int=20, # Number of stochastic passes
+        max_bs:int|None=None, # Largest tiled batch per forward; None: chosen from a memory budget
+        kind:str|OutputKind|None=None, # 'softmax', 'sigmoid' or 'identity'; None: read off the loss function
+        seed:int|None=None, # Seed the passes of each validation; the global random state is restored afterwards
+        gather:bool=False, # Keep every batch's per-item statistics in `self.gathered` (used by `mc_predict`)
+        keep_samples:bool=False, # With `gather`, also keep every pass
+    ):
+        check_n(n)
+        store_attr('n,max_bs,kind')
+        super().__init__(seed=seed, gather=gather, keep_samples=keep_samples)
+
+    def make_sampler(self): return MCSampler(self.model, self.n, output_kind(self.loss_func, self.kind), self.max_bs)
