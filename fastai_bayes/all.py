@@ -6,3 +6,4 @@ from .sampling import *
 from .callback.mc import *
 from .predictions import *
 from .metrics import *
+from .ensemble import *

@@ -85,7 +85,7 @@ def to_df(self:MCPredictions) -> pd.DataFrame:
         for k in ('entropy','expected_entropy','mutual_info','variation_ratio'): d[k] = self.score(k).numpy()
     return pd.DataFrame(d)
 
-# %% ../nbs/45_predictions.ipynb #a7a4b2bf
+# %% ../nbs/45_predictions.ipynb #e253b39c
 def _vocab(dls):
     try: v = dls.vocab
     except Exception: return None
@@ -124,6 +124,8 @@ def sampled_predictions(
         inputs,targs,losses = nested_reorder((inputs,targs,losses), o)
     decoded = getcallable(learn.loss_func, 'decodes')(st['mean']) if with_decoded else None
     kind,n = cb.kind_n
+    if kind.name == 'softmax' and isinstance(targs, Tensor) and targs.ndim == 2 and targs.shape[1] == 1:
+        targs = targs.flatten().long()   # tabular class targets come as N×1 small ints: one class index per item
     return MCPredictions(kind.name, n, targs=targs, decoded=decoded, inputs=inputs, losses=losses,
                          vocab=_vocab(learn.dls), **st)
 
