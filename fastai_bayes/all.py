@@ -7,3 +7,4 @@ from .callback.mc import *
 from .predictions import *
 from .metrics import *
 from .ensemble import *
+from .interpret import *

@@ -55,13 +55,13 @@ class MCPredictions:
         if name=='std' or self.kind=='sigmoid': s = s.reshape(len(s), -1)
         return s.mean(1) if name=='std' else s.sum(1) if s.ndim > 1 else s
 
-# %% ../nbs/45_predictions.ipynb #5c01c3b8
+# %% ../nbs/45_predictions.ipynb #6efa70e1
 @patch
 def to_df(self:MCPredictions) -> pd.DataFrame:
     "One row per item: target, prediction, probability, every uncertainty score"
     def names(t):
         if t is None: return None
-        t = t.flatten() if t.ndim > 1 and t.shape[1] == 1 and self.kind=='softmax' else t
+        t = t.flatten() if t.ndim > 1 and t.shape[1] == 1 and self.kind!='sigmoid' else t
         if self.vocab is not None and self.kind=='softmax': return [self.vocab[int(i)] for i in t]
         if self.vocab is not None and self.kind=='sigmoid':
             return [';'.join(v for v,on in zip(self.vocab, row) if on) for row in t.bool()]

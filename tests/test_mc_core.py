@@ -6,13 +6,7 @@ from fastai.text.all import *
 from fastai.tabular.all import *
 from fastai_bayes.all import *
 
-def _fit(learn, epochs=1, lr=1e-2):
-    with no_random(0), learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
-    return learn
-
-def tiny_cnn(pretrained=False, **kwargs):
-    "A small convolutional body for vision_learner (resnet18 costs ~3 s a training batch on these 2 CPU cores)"
-    return nn.Sequential(ConvLayer(3, 16, stride=2), ConvLayer(16, 32, stride=2), ConvLayer(32, 64), nn.AdaptiveAvgPool2d(1))
+from _helpers import fit_quietly as _fit, tiny_cnn
 
 @pytest.fixture(scope='module')
 def mnist_dls():
@@ -195,7 +189,8 @@ def test_tabular_regression_with_y_range():
     assert res.kind == 'identity' and res.probs is None
     assert res.mean.shape == (len(dls.valid_ds), 1) and (res.std > 0).all()
     assert ((res.mean > 0) & (res.mean < 400)).all()
-    assert list(res.to_df().columns) == ['target', 'mean', 'std']
+    df = res.to_df()
+    assert list(df.columns) == ['target', 'mean', 'std'] and df.target.dtype.kind == 'f'   # one number per item
     with pytest.raises(ValueError, match="only the 'std' score"): res.score('entropy')
 
 # --- a plain Learner around a custom nn.Module (no Sequential: the whole model is one stage) --------------------
