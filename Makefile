@@ -1,5 +1,5 @@
 # `make test` sets up what it needs (on a fresh machine too), checks that the library matches the notebooks, and runs
-# every test with no network. `make bench` prints the sampling-engine benchmark.
+# every test with no network. `make demo` runs the triage command's demo. `make bench` prints the sampling-engine benchmark.
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 PY ?= python3
@@ -13,7 +13,7 @@ PIP_Q := --quiet --disable-pip-version-check
 QUIET := 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 NONET := $(shell unshare -n true 2>/dev/null && echo "unshare -n")
 
-.PHONY: test test-latest sync export bench clean-venv
+.PHONY: test test-latest sync export bench demo browser clean-venv
 
 $(VENV)/.installed: settings.ini setup.py .ci/constraints.txt
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,17 @@ $(LATEST)/.installed: settings.ini setup.py
 	$(LATEST)/bin/pip install $(PIP_Q) --no-deps $(DATA_PKGS) $(QUIET)
 	touch $@
 
+# Headless Chromium opens the triage report in a test (Debian's package; skipped with a warning where apt is unusable)
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "WARNING: could not install Chromium: the report test will be skipped"
+
+# The main job: triage new inputs with an exported learner. No arguments: the offline MNIST demo.
+# Own files: make demo ARGS="model.pkl new_images/ --out triage"
+demo: $(VENV)/.installed
+	$(VENV)/bin/fastai_bayes_triage $(ARGS)
+
 export: $(VENV)/.installed
 	$(VENV)/bin/nbdev_clean && $(VENV)/bin/nbdev_export && $(VENV)/bin/python tools/readme.py
 
@@ -40,7 +51,7 @@ test-latest: $(LATEST)/.installed
 	@$(LATEST)/bin/python -c "import fastai, fastcore; print('newest-fastai environment: fastai', fastai.__version__, 'fastcore', fastcore.__version__)"
 	$(NONET) $(LATEST)/bin/python -m pytest tests -q -p no:cacheprovider
 
-test: sync test-latest
+test: browser sync test-latest
 	@[ -n "$(NONET)" ] || echo "WARNING: unshare -n is not available here: tests run with the network on"
 	@$(VENV)/bin/python -c "import fastai, fastcore; print('dev environment: fastai', fastai.__version__, 'fastcore', fastcore.__version__)"
 	$(NONET) $(VENV)/bin/python -m pytest tests -q -p no:cacheprovider

@@ -8,3 +8,5 @@ from .predictions import *
 from .metrics import *
 from .ensemble import *
 from .interpret import *
+from .variational import *
+from .triage import *

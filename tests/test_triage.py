@@ -1,0 +1,111 @@
+"The `fastai_bayes_triage` console command on real exported learners: outputs, the report in a browser, bad input."
+import math, re, shutil, subprocess, sys
+from pathlib import Path
+import pytest
+from fastai.vision.all import *
+from fastai.tabular.all import *
+from fastai_bayes.all import *
+from fastai_bayes.triage import *
+from _helpers import fit_quietly
+
+CMD = str(Path(sys.executable).parent/'fastai_bayes_triage')
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([CMD, *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+@pytest.fixture(scope='module')
+def vision(tmp_path_factory):
+    "An exported MNIST learner and a folder of held-out digits, silhouettes, a broken PNG and a text file"
+    tmp = tmp_path_factory.mktemp('triage')
+    df = mnist_sample(400, seed=0)
+    dls = ImageDataLoaders.from_df(df, df.attrs['path'], fn_col='fname', label_col='label', valid_col='is_valid', bs=64)
+    learn = fit_quietly(vision_learner(dls, demo_cnn, pretrained=False), 1)
+    learn.export(tmp/'digits.pkl')
+    inp = demo_inputs(tmp/'inputs', n_digits=30, n_animals=10)
+    (inp/'broken.jpg').write_bytes(b'\xff\xd8\xff' + b'\0'*40)
+    (inp/'readme.txt').write_text('not an image')
+    return tmp/'digits.pkl',inp
+
+def test_cli_writes_csv_plots_report(vision, tmp_path):
+    learner,inp = vision
+    r = run_cli(learner, inp, '--n', 8, '--refer', 0.1, '--score', 'entropy', '--out', tmp_path/'out')
+    assert r.returncode == 0, r.stderr
+    assert 'Triaged 40 inputs with 8 Monte Carlo passes each: 4 referred' in r.stdout
+    assert 'Skipped 1 unreadable input(s), e.g. broken.jpg' in r.stdout
+    t = pd.read_csv(tmp_path/'out'/'triage.csv')
+    assert list(t.columns[:3]) == ['item','pred','prob'] and 'mutual_info' in t and 'refer' in t
+    assert len(t) == 40 and t['refer'].sum() == 4
+    assert set(t.index[t.refer]) == set(t['entropy'].nlargest(4, keep='first').index)
+    # the CSV's numbers are mc_predict's on the same files with the same seed
+    learn = load_triage_learner(learner)
+    files = [inp/f for f in t['item']]
+    res = learn.mc_predict(learn.dls.test_dl(files), n=8, seed=42)
+    np.testing.assert_allclose(t['entropy'].values, res.entropy.numpy(), atol=1e-5)
+    np.testing.assert_allclose(t['prob'].values, res.mean.max(1)[0].numpy(), atol=1e-5)
+    assert (pd.read_csv(tmp_path/'out'/'skipped.csv')['item'] == ['broken.jpg']).all()
+    for f in ('uncertainty_scores.png', 'predictions.png', 'most_uncertain_inputs.png'):
+        assert (tmp_path/'out'/f).read_bytes()[:4] == b'\x89PNG'
+
+def test_report_images_load_in_chromium(vision, tmp_path):
+    browser = shutil.which('chromium') or shutil.which('chromium-browser')
+    if browser is None: pytest.skip('Chromium is not installed (`make test` installs Debian chromium where it can)')
+    learner,inp = vision
+    assert run_cli(learner, inp, '--n', 5, '--out', tmp_path/'out').returncode == 0
+    html_ = tmp_path/'out'/'report.html'
+    assert 'src=\'data:image/png;base64,' in html_.read_text() and 'src="http' not in html_.read_text()
+    r = subprocess.run([browser, '--headless', '--no-sandbox', '--disable-gpu', '--virtual-time-budget=10000',
+                        '--dump-dom', html_.as_uri()], capture_output=True, text=True, timeout=120)
+    m = re.search(r'data-images-loaded="(\d+)/(\d+)"', r.stdout)
+    assert m, f'the report did not finish loading in Chromium: {r.stderr[-2000:]}'
+    loaded,total = map(int, m.groups())
+    # 3 plots and one thumbnail per row of the 30 most uncertain inputs, every one decoded by the browser
+    assert total == 33 and loaded == total
+
+def test_cli_bad_input(vision, tmp_path):
+    learner,inp = vision
+    def err(*args):
+        r = run_cli(*args, '--out', tmp_path/'o')
+        assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr
+        return r.stderr
+    assert 'does not exist' in err(tmp_path/'nope.pkl', inp)
+    (tmp_path/'junk.pkl').write_bytes(b'definitely not a pickle')
+    assert 'is not a fastai learner export' in err(tmp_path/'junk.pkl', inp)
+    (tmp_path/'empty').mkdir()
+    assert 'holds no image files' in err(learner, tmp_path/'empty')
+    assert 'Pass both LEARNER and INPUTS' in err(learner)
+    assert 'must be in [0, 1)' in err(learner, inp, '--refer', 2)
+    bad = tmp_path/'bad'; bad.mkdir(); (bad/'a.png').write_bytes(b'\x89PNG junk')
+    assert 'None of the 1 image files' in err(learner, bad)
+    h = run_cli('--help')
+    assert h.returncode == 0 and 'only load files you trust' in h.stdout.replace('\n', ' ')
+
+def test_tabular_csv(tmp_path):
+    df = adult_census(800)
+    a = df.attrs
+    dls = TabularDataLoaders.from_df(df, procs=[Categorify, FillMissing, Normalize], cat_names=a['cat_names'],
+                                     cont_names=a['cont_names'], y_names=a['y_names'], valid_idx=list(range(600, 800)), bs=64)
+    learn = fit_quietly(tabular_learner(dls, layers=[50], config=tabular_config(ps=[0.2], embed_p=0.1)), 1)
+    learn.export(tmp_path/'adult.pkl')
+    new = df.iloc[600:700].drop(columns=a['y_names'])
+    new.to_csv(tmp_path/'rows.csv', index=False)
+    r = run_cli(tmp_path/'adult.pkl', tmp_path/'rows.csv', '--n', 10, '--out', tmp_path/'out')
+    assert r.returncode == 0, r.stderr
+    t = pd.read_csv(tmp_path/'out'/'triage.csv')
+    assert len(t) == 100 and t['refer'].sum() == 5 and t['pred'].isin(learn.dls.vocab).all()
+    res = learn.mc_predict(learn.dls.test_dl(new), n=10, seed=42)
+    np.testing.assert_allclose(t['mutual_info'].values, res.mutual_info.numpy(), atol=1e-5)
+    assert (tmp_path/'out'/'report.html').exists() and not (tmp_path/'out'/'most_uncertain_inputs.png').exists()
+    new.drop(columns=[a['cont_names'][0], a['cat_names'][0]]).to_csv(tmp_path/'short.csv', index=False)
+    r = run_cli(tmp_path/'adult.pkl', tmp_path/'short.csv', '--out', tmp_path/'o2')
+    assert r.returncode == 1 and f"lacks the learner's columns {[a['cat_names'][0], a['cont_names'][0]]}" in r.stderr
+    assert 'holds no image files' not in r.stderr and 'pass a CSV file' in run_cli(tmp_path/'adult.pkl', tmp_path).stderr
+
+def test_demo_default(tmp_path):
+    "No arguments: the demo learner (cached after its first training) triages digits mixed with silhouettes"
+    r = run_cli(cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    t = pd.read_csv(tmp_path/'triage'/'triage.csv')
+    ani = t['item'].str.startswith('animal_')
+    assert len(t) == 250 and ani.sum() == 50 and t.refer.sum() == math.ceil(0.05*250)
+    assert ani[t.refer].mean() > 2*ani.mean()
+    assert re.search(r'Animal silhouettes are 20% of the inputs \(50 of 250\) and \d+% of the referred', r.stdout)
