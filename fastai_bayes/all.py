@@ -9,4 +9,5 @@ from .metrics import *
 from .ensemble import *
 from .interpret import *
 from .variational import *
+from .laplace import *
 from .triage import *

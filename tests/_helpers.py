@@ -9,3 +9,10 @@ def fit_quietly(learn, epochs=1, lr=1e-2):
 def tiny_cnn(pretrained=False, **kwargs):
     "A small convolutional body for vision_learner (resnet18 costs ~3 s a training batch on these 2 CPU cores)"
     return nn.Sequential(ConvLayer(3, 16, stride=2), ConvLayer(16, 32, stride=2), ConvLayer(32, 64), nn.AdaptiveAvgPool2d(1))
+
+def mnist_dls(n=600, seed=0, bs=64):
+    "`ImageDataLoaders` of `n` MNIST digits (the PNG files `mnist_sample` writes once), 20% of them for validation"
+    from fastai_bayes.datasets import mnist_sample
+    df = mnist_sample(n, seed=seed)
+    return ImageDataLoaders.from_df(df, df.attrs['path'], fn_col='fname', label_col='label', valid_col='is_valid',
+                                    bs=bs, num_workers=0)

@@ -10,7 +10,7 @@ from fastai.text.all import *
 from fastai.tabular.all import *
 from fastai_bayes.all import *
 
-from _helpers import fit_quietly as _fit, tiny_cnn
+from _helpers import fit_quietly as _fit, tiny_cnn, mnist_dls
 
 @pytest.fixture(scope='module')
 def png_dir(tmp_path_factory):
@@ -37,9 +37,7 @@ def _heights(ax):
 
 @pytest.fixture(scope='module')
 def mnist_learn():
-    df = mnist_sample(600, seed=0)
-    dls = ImageDataLoaders.from_df(df, df.attrs['path'], fn_col='fname', label_col='label', valid_col='is_valid',
-                                   bs=64, num_workers=0)
+    dls = mnist_dls(600)
     with no_random(0): learn = vision_learner(dls, tiny_cnn, pretrained=False, metrics=accuracy)
     return _fit(learn, 2, 2e-2)
 

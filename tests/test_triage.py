@@ -6,7 +6,7 @@ from fastai.vision.all import *
 from fastai.tabular.all import *
 from fastai_bayes.all import *
 from fastai_bayes.triage import *
-from _helpers import fit_quietly
+from _helpers import fit_quietly, mnist_dls
 
 CMD = str(Path(sys.executable).parent/'fastai_bayes_triage')
 
@@ -17,8 +17,7 @@ def run_cli(*args, cwd=None):
 def vision(tmp_path_factory):
     "An exported MNIST learner and a folder of held-out digits, silhouettes, a broken PNG and a text file"
     tmp = tmp_path_factory.mktemp('triage')
-    df = mnist_sample(400, seed=0)
-    dls = ImageDataLoaders.from_df(df, df.attrs['path'], fn_col='fname', label_col='label', valid_col='is_valid', bs=64)
+    dls = mnist_dls(400)
     learn = fit_quietly(vision_learner(dls, demo_cnn, pretrained=False), 1)
     learn.export(tmp/'digits.pkl')
     inp = demo_inputs(tmp/'inputs', n_digits=30, n_animals=10)
