@@ -361,7 +361,7 @@ def demo_summary(df:pd.DataFrame) -> str:
     return (f"Animal silhouettes are {ani.mean():.0%} of the inputs ({ani.sum()} of {len(df)}) and "
             f"{ani[r].mean() if r.any() else 0:.0%} of the referred ({ani[r].sum()} of {r.sum()}).")
 
-# %% ../nbs/95_triage.ipynb #9d309375
+# %% ../nbs/95_triage.ipynb #ea7b0ca8
 def _cli_arg(help:str, type:type, **kwargs):
     "A command-line argument's annotation: `Param` in fastcore 1, `Annotated` in fastcore 2"
     return Param(help, type, **kwargs) if Param is not None else Annotated[type, help, kwargs]
@@ -385,8 +385,8 @@ def fastai_bayes_triage(
             print("No LEARNER and INPUTS given: running the demo (an MNIST learner; held-out digits and animal silhouettes).")
             learner,inputs = demo_learner(),demo_inputs()
             df = triage(learner, inputs, n, refer, score, out, bs, seed)
-            print(demo_summary(df))
+            print(); print(demo_summary(df))
         elif learner is None or inputs is None: raise TriageError("Pass both LEARNER and INPUTS (or neither, for the demo).")
-        else: df = triage(learner, inputs, n, refer, score, out, bs, seed)
+        else: df = triage(learner, inputs, n, refer, score, out, bs, seed); print()
     except (TriageError, ValueError) as e: sys.exit(f"fastai_bayes_triage: error: {e}")
     print(triage_summary(df, out))

@@ -16,3 +16,12 @@ def mnist_dls(n=600, seed=0, bs=64):
     df = mnist_sample(n, seed=seed)
     return ImageDataLoaders.from_df(df, df.attrs['path'], fn_col='fname', label_col='label', valid_col='is_valid',
                                     bs=bs, num_workers=0)
+
+def adult_dls(n=800, seed=0, bs=128):
+    "`TabularDataLoaders` of `n` Adult census rows (target `loan`), validation rows as `adult_census` marks them"
+    from fastai.tabular.all import TabularDataLoaders, Categorify, FillMissing, Normalize
+    from fastai_bayes.datasets import adult_census
+    df = adult_census(n, seed=seed)
+    return TabularDataLoaders.from_df(df, y_names='loan', cat_names=df.attrs['cat_names'], cont_names=df.attrs['cont_names'],
+                                      procs=[Categorify, FillMissing, Normalize], valid_idx=list(df.index[df.is_valid]),
+                                      bs=bs, num_workers=0)

@@ -10,7 +10,7 @@ from fastai.text.all import *
 from fastai.tabular.all import *
 from fastai_bayes.all import *
 
-from _helpers import fit_quietly as _fit, tiny_cnn, mnist_dls
+from _helpers import fit_quietly as _fit, tiny_cnn, mnist_dls, adult_dls
 
 @pytest.fixture(scope='module')
 def png_dir(tmp_path_factory):
@@ -57,10 +57,8 @@ def text_interp():
 
 @pytest.fixture(scope='module')
 def adult():
+    dls = adult_dls(1500, bs=256)
     df = adult_census(1500, seed=0)
-    dls = TabularDataLoaders.from_df(df, y_names='loan', cat_names=df.attrs['cat_names'], cont_names=df.attrs['cont_names'],
-                                     procs=[Categorify, FillMissing, Normalize], valid_idx=list(df.index[df.is_valid]),
-                                     bs=256, num_workers=0)
     with no_random(0):
         learn = tabular_learner(dls, layers=[32], config=tabular_config(ps=[0.2], embed_p=0.1), metrics=accuracy)
     return df, UncertaintyInterpretation.from_learner(_fit(learn), n=10, seed=0)

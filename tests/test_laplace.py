@@ -8,14 +8,12 @@ from fastai_bayes.all import *
 from fastai_bayes.laplace import *
 from fastai_bayes.sampling import model_stages
 
-from _helpers import fit_quietly as _fit, tiny_cnn, mnist_dls
+from _helpers import fit_quietly as _fit, tiny_cnn, mnist_dls, adult_dls
 
 @pytest.fixture(scope='module')
 def adult():
+    dls = adult_dls(800, bs=128)
     df = adult_census(800, seed=0)
-    dls = TabularDataLoaders.from_df(df, y_names='loan', cat_names=df.attrs['cat_names'], cont_names=df.attrs['cont_names'],
-                                     procs=[Categorify, FillMissing, Normalize], valid_idx=list(df.index[df.is_valid]),
-                                     bs=128, num_workers=0)
     with no_random(0): learn = tabular_learner(dls, layers=[16], config=tabular_config(ps=[0.2]), metrics=accuracy)
     return df, _fit(learn, 2)
 
