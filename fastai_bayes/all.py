@@ -10,4 +10,5 @@ from .ensemble import *
 from .interpret import *
 from .variational import *
 from .laplace import *
+from .active import *
 from .triage import *
