@@ -50,12 +50,13 @@ def test_full_ggn_is_jt_h_j_by_autograd(adult):
         J = jacobian(out, theta)                                                   # C×P
         H = hessian(lambda z: F.cross_entropy(z[None], t[None]), out(theta))      # C×C
         ref += J.T @ H @ J
-    assert torch.allclose(la.H, ref, atol=1e-9, rtol=1e-7)
+    # the model's outputs are float32: agreement to ~1e-7 of the largest entry, not to float64 precision
+    assert torch.allclose(la.H, ref, atol=1e-6, rtol=1e-5)
     assert torch.allclose(la.theta(), theta)
     # diag is the diagonal of full; the posterior precision is H + δI
     ld = learn.laplace('diag', prior_precision=1., dl=dl, bar=False)
-    assert torch.allclose(ld.H, ref.diagonal(), atol=1e-9, rtol=1e-7)
-    assert torch.allclose(la.posterior_precision(2.), ref + 2*torch.eye(len(ref), dtype=ref.dtype), atol=1e-9)
+    assert torch.allclose(ld.H, ref.diagonal(), atol=1e-6, rtol=1e-5)
+    assert torch.allclose(la.posterior_precision(2.), ref + 2*torch.eye(len(ref), dtype=ref.dtype), atol=1e-6, rtol=1e-5)
     # kron is exact for one item
     dl1 = learn.dls.test_dl(df.iloc[:1], with_labels=True)
     lk = learn.laplace('kron', prior_precision=1., dl=dl1, bar=False)
