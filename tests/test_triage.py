@@ -108,3 +108,28 @@ def test_demo_default(tmp_path):
     assert len(t) == 250 and ani.sum() == 50 and t.refer.sum() == math.ceil(0.05*250)
     assert ani[t.refer].mean() > 2*ani.mean()
     assert re.search(r'Animal silhouettes are 20% of the inputs \(50 of 250\) and \d+% of the referred', r.stdout)
+
+def test_text_and_regression_csv(tmp_path):
+    "A text classifier reads the CSV's text column; a regression learner is ranked by the spread of its passes"
+    from fastai.text.all import TextDataLoaders, text_classifier_learner, AWD_LSTM
+    df = rotten_tomatoes(400)
+    dls = TextDataLoaders.from_df(df, text_col='text', label_col='label', valid_col='is_valid', bs=32, num_workers=0)
+    learn = text_classifier_learner(dls, AWD_LSTM, pretrained=False, config=dict(emb_sz=16, n_hid=16, n_layers=1), drop_mult=0.5)
+    fit_quietly(learn, 1).export(tmp_path/'text.pkl')
+    df.iloc[:40][['text']].to_csv(tmp_path/'reviews.csv', index=False)
+    t = triage(tmp_path/'text.pkl', tmp_path/'reviews.csv', n=5, out=tmp_path/'t', progress=False)
+    lt = load_triage_learner(tmp_path/'text.pkl')
+    res = lt.mc_predict(lt.dls.test_dl(df.iloc[:40]['text'].tolist(), bs=64), n=5, seed=42)
+    np.testing.assert_allclose(t['mutual_info'].values, res.mutual_info.numpy(), atol=1e-6)
+    assert len(t) == 40 and t.refer.sum() == 2 and t['pred'].isin(lt.dls.vocab[1]).all()
+    df.iloc[:5][['label']].to_csv(tmp_path/'labels.csv', index=False)
+    with pytest.raises(TriageError, match=r"lacks the learner's columns \['text'\]"): triage(lt, tmp_path/'labels.csv', out=None)
+    d = diabetes_df()
+    dls = TabularDataLoaders.from_df(d, y_names='target', cont_names=d.attrs['cont_names'], procs=[Normalize],
+                                     valid_idx=list(range(350, len(d))), bs=64, num_workers=0)
+    fit_quietly(tabular_learner(dls, layers=[32], config=tabular_config(ps=[0.2]), y_range=(0, 400)), 2).export(tmp_path/'reg.pkl')
+    d.iloc[350:].drop(columns=['target']).to_csv(tmp_path/'patients.csv', index=False)
+    t = triage(tmp_path/'reg.pkl', tmp_path/'patients.csv', n=10, refer=0.1, out=tmp_path/'r', progress=False)
+    assert list(t.columns) == ['item', 'mean', 'std', 'refer'] and t.attrs['score'] == 'std'
+    assert set(t.index[t.refer]) == set(t['std'].nlargest(math.ceil(0.1*len(t)), keep='first').index)
+    assert (tmp_path/'r'/'report.html').exists()
