@@ -60,7 +60,7 @@ def stochastic_modules(
         if p > 0 or not active: res.append(StochasticModule(name, m, spec['mask'], float(p)))
     return res
 
-# %% ../nbs/10_dropout.ipynb #9faab406
+# %% ../nbs/10_dropout.ipynb #eeed2fae
 def no_dropout_msg(model:nn.Module) -> str:
     "An error message naming how to give `model` active dropout"
     if isinstance(model, TabularModel) or any(isinstance(m, TabularModel) for m in model.modules()):
@@ -76,6 +76,14 @@ def no_dropout_msg(model:nn.Module) -> str:
             "A custom dropout-like module can be declared with `register_stochastic(MyDropout, mask='element')`.")
 
 @contextmanager
+def _modes_kept(model:nn.Module):
+    "Context manager: the `training` flag of every module of `model` restored exactly on exit, also after an error"
+    flags = [(m, m.training) for m in model.modules()]
+    try: yield model
+    finally:
+        for m,t in flags: m.training = t
+
+@contextmanager
 def mc_dropout(
     model:nn.Module, # Model whose dropout-like modules are switched on
     modules:MutableSequence|None=None, # `StochasticModule`s to switch on; default: `stochastic_modules(model)`
@@ -83,11 +91,10 @@ def mc_dropout(
     "Context manager: only the dropout-like modules of `model` stochastic; every module's `training` restored on exit"
     mods = stochastic_modules(model) if modules is None else L(modules)
     if not mods: raise ValueError(no_dropout_msg(model))
-    flags = [(m, m.training) for m in model.modules()]
     undo = [f(o.module) for o in mods if (f := _spec(o.module)['snapshot']) is not None]
-    try:
-        for o in mods: o.module.training = True
-        yield mods
-    finally:
-        for m,t in flags: m.training = t
-        for f in undo: f()
+    with _modes_kept(model):
+        try:
+            for o in mods: o.module.training = True
+            yield mods
+        finally:
+            for f in undo: f()
