@@ -2,7 +2,7 @@
 """Sampling-engine benchmark: fastai's MC-dropout recipe (n x `get_preds` with fastai's `MCDropoutCallback`) against
 `learn.mc_predict(dl, n)`, relative to one deterministic `get_preds`, on small learners trained on the offline data.
 Prints one table: median seconds over `--runs` runs, ratios, peak extra memory (CPU: resident set; CUDA: allocated).
-  python bench/mc_engine.py [--n 20] [--runs 3] [--only vision,tabular,text]
+  python bench/mc_engine.py [--n 20] [--runs 3] [--only vision,tabular,text] [--px 64]
 Ratios measured within one run are what to compare; absolute seconds depend on the machine."""
 import argparse, ctypes, gc, os, statistics, sys, time, warnings
 warnings.filterwarnings('ignore')
@@ -25,16 +25,24 @@ def _kib(field):
         if line.startswith(field): return int(line.split()[1])
     return 0
 
-def measure(f, device):
-    "Seconds, and peak memory above what was in use when `f` started (MiB)"
+def seconds(f, device):
+    "Wall time of one call of `f`"
+    if device.type == 'cuda': torch.cuda.synchronize()
+    t = time.perf_counter(); f()
+    if device.type == 'cuda': torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+def peak_mib(f, device):
+    """Peak memory of one call of `f` above what was in use when it started (MiB); a separate call from the timed ones,
+    because giving memory back to the OS first makes the call that follows slower"""
     gc.collect()
     if device.type == 'cuda':
         torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
     else: _rss_reset(); base = _kib('VmRSS:') * 1024
-    t = time.perf_counter(); f()
+    f()
     if device.type == 'cuda': torch.cuda.synchronize(); peak = torch.cuda.max_memory_allocated()
     else: peak = _kib('VmHWM:') * 1024
-    return time.perf_counter() - t, max(0, peak - base) / 2**20
+    return max(0, peak - base) / 2**20
 
 def fastai_recipe(learn, dl, n):
     "What the source article and fastai's callback suggest: n x get_preds with dropout on, then the mean"
@@ -45,13 +53,16 @@ def quiet(learn):
     learn.logger = noop
     return learn
 
+PX = 64
+
 def vision(device):
-    df = mnist_sample(640, seed=0, valid_pct=0.2)
+    "The issue's setup: resnet18 on MNIST PNGs resized to 64 px (`--px`)"
+    df = mnist_sample(1280, seed=0, valid_pct=0.2)
     dls = ImageDataLoaders.from_df(df, df.attrs['path'], fn_col='fname', label_col='label', valid_col='is_valid',
-                                   bs=64, num_workers=0, device=device)
+                                   item_tfms=Resize(PX), bs=64, num_workers=0, device=device)
     learn = quiet(vision_learner(dls, resnet18, pretrained=False, metrics=accuracy))
     learn.fit_one_cycle(1, 1e-2)
-    return 'vision_learner resnet18, 28px MNIST PNGs', learn, dls.valid
+    return f'vision_learner resnet18, MNIST PNGs at {PX} px', learn, dls.valid
 
 def tabular(device):
     df = adult_census(8000, seed=0)
@@ -78,10 +89,10 @@ def bench(make, device, n, runs):
                   f'mc_predict(n={n})': lambda: learn.mc_predict(dl, n=n),
                   f'mc_predict(n={n}, max_bs=1): one forward per pass': lambda: learn.mc_predict(dl, n=n, max_bs=1)}
     for f in strategies.values(): f()   # warm-up
-    rows = {}
-    for k, f in strategies.items():
-        ms = [measure(f, device) for _ in range(runs)]
-        rows[k] = (statistics.median(m[0] for m in ms), max(m[1] for m in ms))
+    times = {k: [] for k in strategies}
+    for _ in range(runs):   # interleaved, so a slow spell of the machine hits every strategy alike
+        for k, f in strategies.items(): times[k].append(seconds(f, device))
+    rows = {k: (statistics.median(times[k]), peak_mib(f, device)) for k, f in strategies.items()}
     plan = MCPlan(learn.model)
     return name, rows, plan, len(dl.dataset)
 
@@ -89,7 +100,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--n', type=int, default=20); ap.add_argument('--runs', type=int, default=3)
     ap.add_argument('--only', default='vision,tabular,text')
+    ap.add_argument('--px', type=int, default=64, help='image size for vision (the MNIST PNGs are 28 px)')
     a = ap.parse_args()
+    global PX; PX = a.px
     devices = [torch.device('cpu')] + ([torch.device('cuda')] if torch.cuda.is_available() else [])
     t0 = time.time()
     for device in devices:
@@ -105,7 +118,7 @@ def main():
                   f"{'tiled' if plan.tileable else 'one forward per pass (shared masks)'} | | | | |", flush=True)
     # memory does not grow with n: the default result keeps running sums, not n x N x C samples
     _, learn, dl = tabular(torch.device('cpu'))
-    mems = {n: measure(lambda: learn.mc_predict(dl, n=n, max_bs=4096), torch.device('cpu'))[1] for n in (20, 1000)}
+    mems = {n: peak_mib(lambda: learn.mc_predict(dl, n=n, max_bs=4096), torch.device('cpu')) for n in (20, 1000)}
     print(f"\nmemory vs n (tabular, max_bs=4096, CPU): peak extra {mems[20]:.0f} MiB at n=20, {mems[1000]:.0f} MiB at n=1000")
     print(f"total benchmark time {time.time()-t0:.0f} s")
 

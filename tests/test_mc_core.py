@@ -177,6 +177,13 @@ def test_tabular_with_dropout(adult_dls):
     assert (res.std.sum(1) > 0).all()
     loss, _ = learn.validate(cbs=MCDropoutCallback(n=20, seed=0))
     assert loss == pytest.approx(-res.probs[torch.arange(len(res)), res.targs.flatten().long()].log().mean().item(), rel=1e-4)
+    # the tiled engine with fast_dropout masks vs whole-model forwards with torch's dropout: the same distribution
+    dl = adult_dls.valid.new(shuffle=False)
+    torch.manual_seed(0); ref = _hand_loop(learn, dl, 200)
+    res = learn.mc_predict(dl, n=200, seed=1)
+    se = ((ref.var(0) + res.std**2) / 200).sqrt()
+    assert ((res.probs - ref.mean(0)).abs() <= 5*se + 1e-4).all()
+    assert res.std.mean() == pytest.approx(ref.std(0, correction=0).mean().item(), rel=0.05)
 
 def test_tabular_regression_with_y_range():
     df = diabetes_df()
@@ -207,9 +214,16 @@ def test_custom_module_exact_against_hand_loop():
     with no_random(0): learn = Learner(dls, Net(), loss_func=CrossEntropyLossFlat(), metrics=accuracy)
     _fit(learn, 2)
     dl = dls.valid
-    torch.manual_seed(3); ref = _hand_loop(learn, dl, 6)
+    with mc_dropout(learn.model):   # the engine's dropout masks (fast_dropout), drawn in the same order
+        torch.manual_seed(3); ref = _hand_loop(learn, dl, 6)
     res = learn.mc_predict(dl, n=6, seed=3, max_bs=1, with_samples=True)   # one pass per forward: same draws
     assert torch.allclose(res.samples, ref, atol=1e-6)
+    # and against torch's own dropout masks: the same distribution
+    torch.manual_seed(4); ref = _hand_loop(learn, dl, 400)
+    res = learn.mc_predict(dl, n=400, seed=5)
+    se = ((ref.var(0) + res.std**2) / 400).sqrt()
+    assert ((res.probs - ref.mean(0)).abs() <= 5*se + 1e-4).all()
+    assert res.std.mean() == pytest.approx(ref.std(0, correction=0).mean().item(), rel=0.05)
 
 def test_multilabel_sigmoid():
     from sklearn.datasets import load_digits
