@@ -151,7 +151,7 @@ def _untile(x, bs, t):
 
 def _first(o): return o[0] if isinstance(o, (tuple,list)) else o
 
-# %% ../nbs/30_sampling.ipynb #28e377cb
+# %% ../nbs/30_sampling.ipynb #5581140f
 def _tensors(x):
     if isinstance(x, Tensor): yield x
     elif isinstance(x, (tuple,list)):
@@ -181,8 +181,8 @@ class MCSampler:
 
     def chunk(self, args, bs:int) -> int:
         "Passes per tiled forward for a batch of `bs` items"
+        if self._budget_t is not None: return self._budget_t   # after a CUDA out-of-memory: the halved chunk
         if self.max_bs is not None: return max(1, self.max_bs // bs)
-        if self._budget_t is not None: return self._budget_t
         dev = next((o.device for o in _tensors(args)), torch.device('cpu'))
         budget = torch.cuda.mem_get_info(dev)[0] // 4 if dev.type=='cuda' else 256 * 2**20
         return max(1, int(budget // max(1, bs * 8 * _row_bytes(args))))
