@@ -156,7 +156,7 @@ def _sym_eig(H):
     lam,Q = torch.linalg.eigh(H)
     return lam.clamp_min(0), Q
 
-# %% ../nbs/85_laplace.ipynb #9691f3d0
+# %% ../nbs/85_laplace.ipynb #e7c0c282
 def _sample_f(f, fvar, n):
     "`n` draws from N(f, fvar) per item: n×B×C"
     e,V = torch.linalg.eigh(fvar)
@@ -172,19 +172,6 @@ def probit(
     "Extended probit approximation of the mean predictive probabilities"
     kappa = 1/(1 + math.pi/8*fvar.diagonal(dim1=1, dim2=2)).sqrt()
     return kind.act(kappa*f) if kind.name!='identity' else f
-
-def _closed_form(stats, mean, std, kind):
-    "Make `stats.result()` report the closed-form `mean` (and regression `std`), keeping the MC spread of the draws"
-    res0 = stats.result
-    def result():
-        res = res0()
-        res['mean'] = mean
-        if kind.name=='identity': res['std'] = std
-        else:
-            h = predictive_entropy(mean, kind.name)
-            res.update(entropy=h, mutual_info=(h - res['expected_entropy']).clamp_min(0))
-        return res
-    stats.result = result
 
 # %% ../nbs/85_laplace.ipynb #ae64cb17
 class LastLayerLaplace:
@@ -345,7 +332,7 @@ def optimize_prior_precision(self:LastLayerLaplace,
     else: raise ValueError(f"method must be 'marglik' or 'val_nll', not {method!r}")
     return self
 
-# %% ../nbs/85_laplace.ipynb #b7defd4d
+# %% ../nbs/85_laplace.ipynb #37f22bef
 class LaplaceSampler:
     "`n` draws per item of the outputs under the last-layer Laplace posterior (a sampler for `SamplingCallback`)"
     def __init__(self,
@@ -367,8 +354,8 @@ class LaplaceSampler:
         if s2: draws = draws + self.la.sigma_noise*torch.randn_like(draws)
         stats.update(self.kind.act(draws))
         if self.link_approx=='probit':
-            std = (fvar.diagonal(dim1=1, dim2=2) + s2).sqrt().float()
-            _closed_form(stats, probit(f, fvar, self.kind).float(), std, self.kind)
+            std = (fvar.diagonal(dim1=1, dim2=2) + s2).sqrt().float() if self.kind.name=='identity' else None
+            stats.exact(probit(f, fvar, self.kind).float(), std)
         return out
 
 class LaplaceCallback(SamplingCallback):

@@ -91,7 +91,7 @@ def regression_variance(
     alea = torch.zeros_like(epi) if var_samples is None else _f32(var_samples).mean(0)
     return dict(total=epi + alea, epistemic=epi, aleatoric=alea)
 
-# %% ../nbs/20_uncertainty.ipynb #d0e1b5b6
+# %% ../nbs/20_uncertainty.ipynb #4a3cb2ec
 class MCStats:
     "Running per-item statistics of stochastic passes fed in chunks of shape t×B×..."
     def __init__(self,
@@ -100,6 +100,7 @@ class MCStats:
     ):
         store_attr()
         self.n,self.mean,self.m2,self.sum_ent,self.votes,self.samples = 0,None,None,None,None,[]
+        self.exact_mean,self.exact_std = None,None
 
     def update(self, chunk:Tensor):
         "Add a chunk of passes, t×B×..."
@@ -123,11 +124,20 @@ class MCStats:
         self.n += t
         return self
 
+    def exact(self,
+        mean:Tensor, # Closed-form predictive mean, B×...
+        std:Tensor|None=None, # Closed-form predictive std (regression); None: the spread of the passes
+    ):
+        "Report a closed-form `mean` (e.g. Laplace's probit) instead of the passes'; entropy and MI follow it"
+        self.exact_mean,self.exact_std = mean,std
+        return self
+
     def result(self) -> dict:
         "Per-item statistics: mean, std, and for classification entropy, expected_entropy, mutual_info, variation_ratio"
-        res = dict(mean=self.mean, std=(self.m2/self.n).sqrt())
+        mean = ifnone(self.exact_mean, self.mean)
+        res = dict(mean=mean, std=ifnone(self.exact_std, (self.m2/self.n).sqrt()))
         if self.kind != 'identity':
-            h = predictive_entropy(self.mean, self.kind)
+            h = predictive_entropy(mean, self.kind)
             eh = self.sum_ent/self.n
             if self.kind=='sigmoid': vr = 1 - torch.maximum(self.votes, self.n-self.votes)/self.n
             else: vr = 1 - self.votes.max(-1)[0]/self.n
