@@ -58,16 +58,20 @@ def _hand_loop(learn, dl, n):
     # batches come in the DataLoader's order (text: sorted by length); items back in dataset order, as get_preds does
     return res[:, torch.tensor(dl.get_idxs()).argsort()] if hasattr(dl, 'get_idxs') else res
 
+def _assert_same_distribution(res, ref, rel_spread):
+    """`res` (the engine, n passes) and `ref` (n×N×C passes of a hand loop) agree: means within 5 s.e. of their Monte Carlo
+    error, and the same mean spread of the passes (a wrong engine giving identical passes would have std 0)"""
+    se = ((ref.var(0) + res.std**2) / len(ref)).sqrt()
+    assert ((res.probs - ref.mean(0)).abs() <= 5*se + 1e-4).all()
+    assert res.std.mean() == pytest.approx(ref.std(0, correction=0).mean().item(), rel=rel_spread)
+
 def test_vision_engine_matches_hand_loop_statistically(mnist_learn):
     "Tiled engine (body once, head x n in one forward) vs n full forwards: same distribution, so the means agree within MC error"
     learn, n = mnist_learn, 200
     dl = learn.dls.valid.new(shuffle=False)
     torch.manual_seed(0); ref = _hand_loop(learn, dl, n)
     res = learn.mc_predict(dl, n=n, seed=1)
-    se = ((ref.var(0) + res.std**2) / n).sqrt()
-    assert ((res.probs - ref.mean(0)).abs() <= 5*se + 1e-4).all()
-    # and the spread of the passes agrees (a wrong engine giving identical passes would have std 0)
-    assert res.std.mean() == pytest.approx(ref.std(0, correction=0).mean().item(), rel=0.1)
+    _assert_same_distribution(res, ref, rel_spread=0.1)
 
 def test_validate_loss_is_nll_of_mc_probs(mnist_learn):
     learn = mnist_learn
@@ -181,9 +185,7 @@ def test_tabular_with_dropout(adult_dls):
     dl = adult_dls.valid.new(shuffle=False)
     torch.manual_seed(0); ref = _hand_loop(learn, dl, 200)
     res = learn.mc_predict(dl, n=200, seed=1)
-    se = ((ref.var(0) + res.std**2) / 200).sqrt()
-    assert ((res.probs - ref.mean(0)).abs() <= 5*se + 1e-4).all()
-    assert res.std.mean() == pytest.approx(ref.std(0, correction=0).mean().item(), rel=0.05)
+    _assert_same_distribution(res, ref, rel_spread=0.05)
 
 def test_tabular_regression_with_y_range():
     df = diabetes_df()
@@ -221,9 +223,7 @@ def test_custom_module_exact_against_hand_loop():
     # and against torch's own dropout masks: the same distribution
     torch.manual_seed(4); ref = _hand_loop(learn, dl, 400)
     res = learn.mc_predict(dl, n=400, seed=5)
-    se = ((ref.var(0) + res.std**2) / 400).sqrt()
-    assert ((res.probs - ref.mean(0)).abs() <= 5*se + 1e-4).all()
-    assert res.std.mean() == pytest.approx(ref.std(0, correction=0).mean().item(), rel=0.05)
+    _assert_same_distribution(res, ref, rel_spread=0.05)
 
 def test_multilabel_sigmoid():
     from sklearn.datasets import load_digits
