@@ -16,7 +16,7 @@ from .predictions import *
 # %% auto #0
 __all__ = ['EnsembleSampler', 'EnsembleCallback', 'Ensemble']
 
-# %% ../nbs/70_ensemble.ipynb #934f4ed4
+# %% ../nbs/70_ensemble.ipynb #9a51bf62
 class EnsembleSampler:
     "The passes of every member model on one batch: one forward each, or `n_per_member` MC-dropout passes each"
     def __init__(self,
@@ -48,6 +48,10 @@ class EnsembleSampler:
                 if self.offload: m.to(home)
             first = ifnone(first, out)
         return first
+
+    def check(self):
+        "After the last batch: each member's MC passes must have differed (see `MCSampler.check`)"
+        for s in self.samplers or []: s.check()
 
 class EnsembleCallback(SamplingCallback):
     "Every non-training forward of the learner is the mean over the members of an ensemble"

@@ -7,8 +7,11 @@ from __future__ import annotations
 from fastai.basics import *
 
 # %% auto #0
-__all__ = ['entropy', 'bernoulli_entropy', 'predictive_entropy', 'expected_entropy', 'mutual_information', 'variation_ratio',
-           'sample_std', 'max_prob', 'margin', 'regression_variance', 'MCStats']
+__all__ = ['PROB_FLOOR', 'entropy', 'bernoulli_entropy', 'predictive_entropy', 'expected_entropy', 'mutual_information',
+           'variation_ratio', 'sample_std', 'max_prob', 'margin', 'regression_variance', 'MCStats']
+
+# %% ../nbs/20_uncertainty.ipynb #ca4c5404
+PROB_FLOOR = torch.finfo(torch.float32).tiny
 
 # %% ../nbs/20_uncertainty.ipynb #0eec27c6
 def _f32(x): return torch.as_tensor(x).float()

@@ -11,6 +11,7 @@ from hypothesis.extra.numpy import arrays
 from fastai_bayes.metrics import (expected_calibration_error, max_calibration_error, classwise_ece, reliability_data,
     brier_score, nll, mean_predictive_entropy, referral_curve, aurc, accuracy_at_coverage, ood_auroc, ood_aupr,
     fpr_at_95_tpr, ECE, Brier, NLL, MeanEntropy)
+from fastai_bayes.uncertainty import PROB_FLOOR
 
 f = lambda t: float(t)
 HYP = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -303,7 +304,7 @@ def test_calibration_bounds_order_and_finiteness(pt, n_bins, adaptive, rnd):
         assert f(fn(p[perm], y[perm], n_bins, adaptive)) == pytest.approx(v, abs=1e-12)
     conf, hit = top_label(p, y)
     assert f(expected_calibration_error(p, y, n_bins, adaptive)) == pytest.approx(ece_ref(conf, hit, n_bins, adaptive), abs=1e-12)
-    for fn, hi in ((brier_score, 2), (nll, -math.log(np.finfo(np.float64).eps)), (mean_predictive_entropy, math.log(5))):
+    for fn, hi in ((brier_score, 2), (nll, -math.log(PROB_FLOOR)), (mean_predictive_entropy, math.log(5))):
         v = f(fn(p, y))
         assert math.isfinite(v) and 0 <= v <= hi + 1e-6   # entropy is computed in float32
         assert f(fn(p[perm], y[perm])) == pytest.approx(v, abs=1e-12)
@@ -317,7 +318,10 @@ def test_bernoulli_exact_zero_one(p, data):
         v = f(fn(p, y))
         assert math.isfinite(v) and v >= 0
     assert f(brier_score(p, y)) == pytest.approx(((p.astype(np.float64) - y) ** 2).mean(), abs=1e-12)
-    assert f(nll(p, y)) <= -math.log(np.finfo(np.float32).eps) + 1e-6
+    assert f(nll(p, y)) <= -math.log(PROB_FLOOR) + 1e-9    # the float32 input is floored at PROB_FLOOR, not its eps
+    p64 = p.astype(np.float64)
+    ref = -(y * np.log(np.maximum(p64, PROB_FLOOR)) + (1 - y) * np.log(np.maximum(1 - p64, PROB_FLOOR))).mean()
+    assert f(nll(p, y)) == pytest.approx(ref, rel=1e-12)
 
 # ---------------------------------------------------------------- fastai metrics in a real Learner
 
@@ -372,3 +376,89 @@ def test_metric_without_activation_needs_act():
     learn.metrics = [NLL(act=partial(F.softmax, dim=-1))]
     loss, v = learn.validate()
     assert v == pytest.approx(loss, abs=1e-5)
+
+# ---------------------------------------------------------------- target shapes (issue 16, defects 4 and 5)
+
+def test_one_column_probs_are_bernoulli(digits):
+    "(N,1) probabilities with (N,) targets, or (N,) with (N,1), are one binary label each: the flattened input's numbers"
+    p, y, _ = digits
+    pb, yb = p[:, 3], (y == 3).astype(np.float32)        # one-vs-rest probability of a '3', real and well spread
+    col = lambda a: a[:, None]
+    fns = [expected_calibration_error, max_calibration_error, classwise_ece, brier_score, nll, mean_predictive_entropy,
+           lambda p, y: expected_calibration_error(p, y, 7, True)]
+    p32, y32 = torch.as_tensor(pb).float(), torch.as_tensor(yb)
+    for probs, targs, fp, fy in [(col(pb), yb, pb, yb), (pb, col(yb), pb, yb), (col(p32), y32, p32, y32), (p32, col(y32), p32, y32)]:
+        for fn in fns: assert f(fn(probs, targs)) == f(fn(fp, fy))
+        rel, ref = reliability_data(probs, targs, 10), reliability_data(fp, fy, 10)
+        for a, b in zip(rel, ref): torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    conf, hit = top_label(pb, yb)
+    assert f(expected_calibration_error(col(pb), yb)) == pytest.approx(ece_ref(conf, hit), abs=1e-12)
+
+def test_column_class_targets_are_indices(digits):
+    "(N,C) probabilities with (N,1) class indices (fastai's tabular targets) give the numbers of (N,) indices"
+    p, y, _ = digits
+    for fn in (expected_calibration_error, max_calibration_error, classwise_ece, brier_score, nll, mean_predictive_entropy):
+        assert f(fn(p, y[:, None])) == f(fn(p, y))
+        assert f(fn(torch.as_tensor(p), torch.as_tensor(y[:, None]).to(torch.int8))) == f(fn(p, y))
+    with pytest.raises(ValueError, match='class'): nll(p, y[:, None] + 10)   # not a one-class softmax crash either
+    with pytest.raises(ValueError, match='shape'): nll(p, np.stack([y, y], 1))
+
+def test_fastai_metrics_on_tabular_learner():
+    "ECE/Brier/NLL in `metrics=[...]` of a real tabular_learner on Adult: its targets come as (bs,1) class indices"
+    from fastai.tabular.all import tabular_learner, no_random
+    from _helpers import adult_dls, fit_quietly
+    dls = adult_dls()
+    with no_random(0): learn = tabular_learner(dls, layers=[32], metrics=[ECE(), Brier(), NLL()])
+    fit_quietly(learn)
+    loss, ece, brier, nl = learn.validate()
+    probs, targs = learn.get_preds()
+    assert targs.shape == (len(dls.valid_ds), 1)
+    t = targs.flatten().long()
+    np.testing.assert_allclose([ece, brier, nl], [f(expected_calibration_error(probs, t)), f(brier_score(probs, t)),
+                                                  f(nll(probs, t))], rtol=1e-6)
+    assert nl == pytest.approx(loss, rel=1e-5) and 0 < ece < .5
+
+# ---------------------------------------------------------------- nll: one clamp whatever the dtype (defect 6)
+
+def test_nll_same_in_float32_and_float64(digits):
+    p, y, _ = digits
+    confident = np.array([[0., 1., 0.], [1e-30, 1 - 1e-30, 0.], [.2, .3, .5], [1e-42, 0., 1.]])  # mistakes; 1e-42 is subnormal in float32
+    yc = np.array([0, 0, 2, 0])
+    pbin, ybin = np.array([1., 1e-30, .7, 0.]), np.array([0., 1., 1., 1.])                     # Bernoulli mistakes
+    for probs, targs in [(p, y), (confident, yc), (pbin, ybin), (pbin[:, None], ybin)]:
+        v32, v64 = f(nll(probs.astype(np.float32), targs)), f(nll(probs.astype(np.float64), targs))
+        assert v32 == pytest.approx(v64, rel=1e-6)
+    floor = -math.log(PROB_FLOOR)
+    assert PROB_FLOOR == torch.finfo(torch.float32).tiny and floor == pytest.approx(87.3365, abs=1e-4)
+    assert f(nll(confident[:2].astype(np.float32), yc[:2])) == pytest.approx((floor - math.log(1e-30)) / 2, rel=1e-6)
+    assert f(nll(confident[3:].astype(np.float32), yc[3:])) == pytest.approx(floor, rel=1e-9)
+    assert f(nll(confident[:1], yc[:1], eps=1e-3)) == pytest.approx(-math.log(1e-3))            # an explicit eps still rules
+
+def test_nll_is_torch_nll_loss_of_floored_log(digits):
+    p, y, _ = digits
+    logits = torch.randn(200, 5, generator=torch.Generator().manual_seed(0)) * 40   # many probabilities under 1e-7
+    t = torch.randint(0, 5, (200,), generator=torch.Generator().manual_seed(1))
+    for probs in (F.softmax(logits, 1), F.softmax(logits.double(), 1)):
+        assert (probs.gather(1, t[:, None]) < torch.finfo(torch.float32).eps).any()
+        ref = F.nll_loss(probs.double().clamp_min(PROB_FLOOR).log(), t)
+        assert f(nll(probs, t)) == pytest.approx(ref.item(), rel=1e-12)
+    # no clamp hit: scikit-learn's log_loss, in both dtypes
+    assert p.min() > 1e-6
+    for probs in (p, p.astype(np.float32)):
+        assert f(nll(probs, y)) == pytest.approx(skm.log_loss(y, probs.astype(np.float64), labels=np.arange(10)), rel=1e-6)
+
+def test_validate_loss_is_nll_of_mc_result_on_confident_mistakes():
+    "Under MCDropoutCallback the validate loss, the NLL() metric and `res.nll()` agree, also on confident mistakes"
+    from fastai.tabular.all import tabular_learner, tabular_config, no_random
+    from fastai_bayes.callback.mc import MCDropoutCallback
+    import fastai_bayes.predictions  # noqa: F401  (Learner.mc_predict)
+    from _helpers import adult_dls, fit_quietly
+    with no_random(0):
+        learn = tabular_learner(adult_dls(), layers=[32, 32], config=tabular_config(ps=[.1, .1], embed_p=.1), metrics=NLL())
+    fit_quietly(learn, 3)
+    with torch.no_grad(): learn.model.layers[-1][0].weight.mul_(300)  # an over-confident model: saturated mistakes
+    loss, nl = learn.validate(cbs=MCDropoutCallback(n=8, seed=0))
+    res = learn.mc_predict(n=8, seed=0)
+    p_true = res.probs[torch.arange(len(res)), res.targs.flatten().long()]
+    assert (p_true < torch.finfo(torch.float32).eps).sum() >= 10 and (p_true < PROB_FLOOR).sum() >= 3  # the clamps matter
+    assert f(res.nll()) == pytest.approx(loss, rel=1e-5) and nl == pytest.approx(loss, rel=1e-5)

@@ -29,7 +29,7 @@ class _MCForward:
         pred = cb.sampler.kind.inv(res['mean'])
         return (pred, *first[1:]) if isinstance(first, (tuple,list)) else pred
 
-# %% ../../nbs/40_callback.mc.ipynb #4527650d
+# %% ../../nbs/40_callback.mc.ipynb #c3bf2f6a
 class SamplingCallback(Callback):
     "Every non-training forward is the mean of the passes of the sampler `make_sampler()` returns"
     order,run_train = 50,False
@@ -71,7 +71,11 @@ class SamplingCallback(Callback):
 
     def after_batch(self): self._restore()
     def after_cancel_batch(self): self._restore()
-    def after_validate(self): self._end()
+    def after_validate(self):
+        "Let the sampler check what it drew (MC dropout: that the passes differed), then clean up"
+        try:
+            if hasattr(self.sampler, 'check'): self.sampler.check()
+        finally: self._end()
     def after_fit(self): self._end()
 
 # %% ../../nbs/40_callback.mc.ipynb #89e49847
