@@ -11,4 +11,7 @@ from .interpret import *
 from .variational import *
 from .laplace import *
 from .active import *
+from .demo import *
+from .report import *
 from .triage import *
+from .cli import *

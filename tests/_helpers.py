@@ -7,7 +7,7 @@ def fit_quietly(learn, epochs=1, lr=1e-2):
     return learn
 
 # A small convolutional body for vision_learner (resnet18 costs ~3 s a training batch on these 2 CPU cores)
-from fastai_bayes.triage import demo_cnn as tiny_cnn
+from fastai_bayes.demo import demo_cnn as tiny_cnn
 
 def mnist_dls(n=600, seed=0, bs=64):
     "`ImageDataLoaders` of `n` MNIST digits (the PNG files `mnist_sample` writes once), 20% of them for validation"
