@@ -11,9 +11,7 @@ from .predictions import *
 __all__ = ['acquisition_scores', 'top_k', 'power_sample', 'joint_mutual_info', 'batchbald', 'acquire_from', 'ActiveLoop',
            'curve_table', 'plot_learning_curves']
 
-# %% ../nbs/90_active.ipynb #c4ac2a8c
-_score_names = dict(bald='mutual_info', mutual_info='mutual_info', entropy='entropy',
-                    variation_ratio='variation_ratio', margin='margin', max_prob='max_prob', std='std')
+# %% ../nbs/90_active.ipynb #6e9fb1dd
 acquisition_scores = ('bald', 'entropy', 'variation_ratio', 'margin', 'max_prob', 'std', 'random', 'batchbald')
 
 def _check_score(score, beta=None):
@@ -91,7 +89,7 @@ def batchbald(samples:Tensor, # MC probabilities of the pool, T×N×C
         joint = (joint[:, :, None] * p[:, j, None, :]).reshape(T, -1)
     return tensor(chosen)
 
-# %% ../nbs/90_active.ipynb #069ccae5
+# %% ../nbs/90_active.ipynb #462e790f
 def acquire_from(res:MCPredictions, # Predictions on the pool, in its dataset order (`with_samples=True` for 'batchbald')
                  k:int,              # Number of items to pick
                  score:str='bald',   # One of `acquisition_scores`
@@ -106,7 +104,7 @@ def acquire_from(res:MCPredictions, # Predictions on the pool, in its dataset or
         if res.kind != 'softmax': raise ValueError(f"'batchbald' needs single-label (softmax) results; these are {res.kind!r}")
         if res.samples is None: raise ValueError("'batchbald' needs every pass: predict with `with_samples=True`")
         return batchbald(res.samples, k, max_configs)
-    s = res.score(_score_names[score])
+    s = res.score('mutual_info' if score == 'bald' else score)   # a score of `SCORES`
     return top_k(s, k) if beta is None else power_sample(s, k, beta, seed)
 
 # %% ../nbs/90_active.ipynb #1a14a4d1

@@ -1,4 +1,5 @@
 "Everything public in fastai_bayes: `from fastai_bayes.all import *` (hand-written, not generated)"
+from .core import *
 from .datasets import *
 from .dropout import *
 from .uncertainty import *

@@ -8,12 +8,13 @@ from fastai.basics import *
 
 # %% auto #0
 __all__ = ['PROB_FLOOR', 'entropy', 'bernoulli_entropy', 'predictive_entropy', 'expected_entropy', 'mutual_information',
-           'variation_ratio', 'sample_std', 'max_prob', 'margin', 'regression_variance', 'MCStats']
+           'variation_ratio', 'sample_std', 'max_prob', 'margin', 'OutputKind', 'output_kind', 'regression_variance',
+           'MCStats']
 
 # %% ../nbs/20_uncertainty.ipynb #ca4c5404
 PROB_FLOOR = torch.finfo(torch.float32).tiny
 
-# %% ../nbs/20_uncertainty.ipynb #0eec27c6
+# %% ../nbs/20_uncertainty.ipynb #5eb7cd2f
 def _f32(x): return torch.as_tensor(x).float()
 
 def entropy(p, dim:int=-1) -> Tensor:
@@ -25,50 +26,37 @@ def bernoulli_entropy(p) -> Tensor:
     p = _f32(p)
     return torch.special.entr(p) + torch.special.entr(1-p)
 
-def _check_kind(kind):
-    if kind not in ('softmax','sigmoid'): raise ValueError(f"kind must be 'softmax' or 'sigmoid', not {kind!r}")
-
-def _ent(p, kind):
-    _check_kind(kind)
-    return entropy(p) if kind=='softmax' else bernoulli_entropy(p)
-
-# %% ../nbs/20_uncertainty.ipynb #63240e87
+# %% ../nbs/20_uncertainty.ipynb #4540880d
 def predictive_entropy(
     probs, # Mean predictive probabilities, N×C
-    kind:str='softmax', # 'softmax', or 'sigmoid' for per-label Bernoulli entropies (N×L)
+    kind:str|OutputKind='softmax', # 'softmax', or 'sigmoid' for per-label Bernoulli entropies (N×L)
 ) -> Tensor:
     "Total uncertainty H[p̄] of the mean predictive distribution"
-    return _ent(probs, kind)
+    return _clf_kind(kind).entropy(probs)
 
 def expected_entropy(
     samples, # Per-pass probabilities, T×N×C
-    kind:str='softmax',
+    kind:str|OutputKind='softmax',
 ) -> Tensor:
     "Aleatoric part E_t H[p_t]: the mean over passes of each pass's entropy"
-    return _ent(samples, kind).mean(0)
+    return _clf_kind(kind).entropy(samples).mean(0)
 
 def mutual_information(
     samples, # Per-pass probabilities, T×N×C
-    kind:str='softmax',
+    kind:str|OutputKind='softmax',
 ) -> Tensor:
     "Epistemic part (BALD): H[p̄] − E_t H[p_t], clamped at 0"
     samples = _f32(samples)
     return (predictive_entropy(samples.mean(0), kind) - expected_entropy(samples, kind)).clamp_min(0)
 
-# %% ../nbs/20_uncertainty.ipynb #c77ccf86
+# %% ../nbs/20_uncertainty.ipynb #b6cd8c5d
 def variation_ratio(
     samples, # Per-pass probabilities, T×N×C
-    kind:str='softmax',
+    kind:str|OutputKind='softmax',
 ) -> Tensor:
     "1 − the fraction of passes voting for the modal class (per label for 'sigmoid': vote p > 0.5)"
-    samples = _f32(samples)
-    _check_kind(kind)
-    T = samples.shape[0]
-    if kind=='sigmoid':
-        pos = (samples > 0.5).float().sum(0)
-        return 1 - torch.maximum(pos, T-pos)/T
-    votes = F.one_hot(samples.argmax(-1), samples.shape[-1]).sum(0)
-    return 1 - votes.max(-1)[0].float()/T
+    k = _clf_kind(kind)
+    return k.variation_ratio(k.votes(samples), len(samples))
 
 def sample_std(samples) -> Tensor:
     "Population standard deviation over passes (dim 0), per item and output"
@@ -83,6 +71,79 @@ def margin(probs) -> Tensor:
     top = _f32(probs).topk(2, dim=-1)[0]
     return top[...,0] - top[...,1]
 
+# %% ../nbs/20_uncertainty.ipynb #c77f6738
+class OutputKind:
+    "How raw outputs become probabilities (`act`) and back to the loss's input (`inv`), and what their uncertainty is"
+    def __init__(self,
+        name:str, # 'softmax', 'sigmoid' or 'identity'
+        dim:int=-1, # Class dimension for softmax
+    ):
+        if name not in ('softmax','sigmoid','identity'):
+            raise ValueError(f"kind must be 'softmax', 'sigmoid' or 'identity', not {name!r}")
+        store_attr()
+
+    def act(self, x:Tensor) -> Tensor:
+        "Activation of one pass, in float32"
+        x = x.float()
+        if self.name=='softmax': return F.softmax(x, dim=self.dim)
+        return torch.sigmoid(x) if self.name=='sigmoid' else x
+
+    def inv(self, p:Tensor) -> Tensor:
+        "What the loss function takes, given mean probabilities `p`"
+        if self.name=='softmax': return p.clamp_min(PROB_FLOOR).log()
+        if self.name=='sigmoid': return p.clamp_min(PROB_FLOOR).log() - (1-p).clamp_min(PROB_FLOOR).log()
+        return p
+
+    def entropy(self, p:Tensor) -> Tensor:
+        "Entropy of predictive distributions `p`: over the classes (softmax, dim -1), per label (sigmoid)"
+        if self.name=='softmax': return entropy(p)
+        if self.name=='sigmoid': return bernoulli_entropy(p)
+        raise ValueError("A regression output ('identity') has no entropy: its uncertainty is the spread of the passes")
+
+    def votes(self, samples:Tensor) -> Tensor:
+        "Votes of the passes (dim 0) summed: per class for the passes' top class (softmax), per label for p > 0.5 (sigmoid)"
+        samples = _f32(samples)
+        if self.name=='sigmoid': return (samples > 0.5).float().sum(0)
+        return F.one_hot(samples.argmax(-1), samples.shape[-1]).sum(0).float()
+
+    def variation_ratio(self, votes:Tensor, n:int) -> Tensor:
+        "1 − the share of `n` votes that went to the modal class (per label for sigmoid: the majority answer)"
+        if self.name=='sigmoid': return 1 - torch.maximum(votes, n - votes)/n
+        return 1 - votes.max(-1)[0]/n
+
+    def __eq__(self, other): return self.name == (other.name if isinstance(other, OutputKind) else other)
+    def __hash__(self): return hash(self.name)
+    def __repr__(self): return f"OutputKind({self.name!r}" + (f", dim={self.dim})" if self.name=='softmax' else ")")
+
+# %% ../nbs/20_uncertainty.ipynb #cdfdea70
+def _clf_kind(kind) -> OutputKind:
+    "`kind` as the `OutputKind` of a classification ('softmax' or 'sigmoid'), or a clear error"
+    if isinstance(kind, OutputKind) and kind.name != 'identity': return kind
+    if isinstance(kind, str) and kind in ('softmax','sigmoid'): return OutputKind(kind)
+    raise ValueError(f"kind must be 'softmax' or 'sigmoid', not {kind!r}")
+
+# %% ../nbs/20_uncertainty.ipynb #8697947d
+def output_kind(
+    loss_func:Callable, # The learner's loss function
+    kind:str|OutputKind|None=None, # Force 'softmax', 'sigmoid' or 'identity'
+) -> OutputKind:
+    "The `OutputKind` of a learner's predictions"
+    if isinstance(kind, OutputKind): return kind
+    axis = getattr(loss_func, 'axis', -1)
+    if kind is not None: return OutputKind(kind, axis)
+    act = getcallable(loss_func, 'activation')
+    x = torch.linspace(-3, 2, 24).view(2, 3, 4)  # a fixed probe: no draw from the global random state
+    try: y = act(x.clone())
+    except Exception: y = None
+    if isinstance(y, Tensor) and y.shape==x.shape:
+        y = y.float()
+        if torch.allclose(y, x): return OutputKind('identity')
+        if torch.allclose(y, torch.sigmoid(x), atol=1e-6): return OutputKind('sigmoid')
+        for d in dict.fromkeys([axis, -1, 1]):
+            if torch.allclose(y, F.softmax(x, dim=d), atol=1e-6): return OutputKind('softmax', d)
+    raise ValueError(f"Can't tell how the activation of {loss_func!r} turns outputs into probabilities; "
+                     "pass kind='softmax', 'sigmoid' or 'identity'")
+
 # %% ../nbs/20_uncertainty.ipynb #e0b9fed2
 def regression_variance(
     mu_samples, # Per-pass predicted means, T×N×...
@@ -94,14 +155,15 @@ def regression_variance(
     alea = torch.zeros_like(epi) if var_samples is None else _f32(var_samples).mean(0)
     return dict(total=epi + alea, epistemic=epi, aleatoric=alea)
 
-# %% ../nbs/20_uncertainty.ipynb #4a3cb2ec
+# %% ../nbs/20_uncertainty.ipynb #f798dd22
 class MCStats:
     "Running per-item statistics of stochastic passes fed in chunks of shape t×B×..."
     def __init__(self,
-        kind:str, # 'softmax', 'sigmoid' or 'identity' (regression)
+        kind:str|OutputKind, # 'softmax', 'sigmoid' or 'identity' (regression)
         keep_samples:bool=False, # Also keep every pass (T×B×...)
     ):
         store_attr()
+        self.kind = kind if isinstance(kind, OutputKind) else OutputKind(kind)
         self.n,self.mean,self.m2,self.sum_ent,self.votes,self.samples = 0,None,None,None,None,[]
         self.exact_mean,self.exact_std = None,None
 
@@ -118,9 +180,7 @@ class MCStats:
             self.mean = self.mean + delta * (t/n)
             self.m2 = self.m2 + cm2 + delta**2 * (self.n*t/n)
         if self.kind != 'identity':
-            ent = _ent(chunk, self.kind).sum(0)
-            votes = ((chunk > 0.5).float().sum(0) if self.kind=='sigmoid'
-                     else F.one_hot(chunk.argmax(-1), chunk.shape[-1]).sum(0).float())
+            ent,votes = self.kind.entropy(chunk).sum(0),self.kind.votes(chunk)
             self.sum_ent = ent if self.sum_ent is None else self.sum_ent + ent
             self.votes = votes if self.votes is None else self.votes + votes
         if self.keep_samples: self.samples.append(chunk)
@@ -140,10 +200,8 @@ class MCStats:
         mean = ifnone(self.exact_mean, self.mean)
         res = dict(mean=mean, std=ifnone(self.exact_std, (self.m2/self.n).sqrt()))
         if self.kind != 'identity':
-            h = predictive_entropy(mean, self.kind)
-            eh = self.sum_ent/self.n
-            if self.kind=='sigmoid': vr = 1 - torch.maximum(self.votes, self.n-self.votes)/self.n
-            else: vr = 1 - self.votes.max(-1)[0]/self.n
-            res.update(entropy=h, expected_entropy=eh, mutual_info=(h-eh).clamp_min(0), variation_ratio=vr)
+            h,eh = self.kind.entropy(mean),self.sum_ent/self.n
+            res.update(entropy=h, expected_entropy=eh, mutual_info=(h-eh).clamp_min(0),
+                       variation_ratio=self.kind.variation_ratio(self.votes, self.n))
         if self.keep_samples: res['samples'] = torch.cat(self.samples)
         return res

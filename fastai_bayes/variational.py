@@ -196,9 +196,9 @@ class BayesConv2d(_BayesLayer):
 
 def _pair(v): return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
-# %% ../nbs/80_variational.ipynb #3ccc94fd
-register_stochastic(BayesLinear, mask='element', p=_sigma_p)
-register_stochastic(BayesConv2d, mask='shared', p=_sigma_p);
+# %% ../nbs/80_variational.ipynb #9d212525
+register_stochastic(BayesLinear, mask='element', p=_sigma_p, method='variational')
+register_stochastic(BayesConv2d, mask='shared', p=_sigma_p, method='variational');
 
 # %% ../nbs/80_variational.ipynb #e1b2e800
 _converters = {nn.Linear: BayesLinear.from_linear, nn.Conv2d: BayesConv2d.from_conv}

@@ -286,6 +286,83 @@ def test_intervals_feature_diabetes(png_dir):
     with pytest.raises(ValueError, match="No input column 'age_x'"): it.plot_intervals(x='age_x')
     _save(axs, png_dir, 'intervals_diabetes')
 
+# --- every plot from an ensemble and from a Laplace posterior ----------------------------------------------------
+
+@pytest.fixture(scope='module')
+def ensemble(mnist_learn):
+    "The MNIST CNN and one more member from another initialisation"
+    def member(i):
+        with no_random(0): return _fit(vision_learner(mnist_learn.dls, tiny_cnn, pretrained=False), 2, 2e-2)
+    return Ensemble([mnist_learn, *Ensemble.from_fn(member, k=1, seed=1).learners])
+
+@pytest.fixture(scope='module')
+def predictor_interps(mnist_learn, ensemble):
+    "Interpretations of an ensemble (2 members × 2 MC passes) and of a last-layer Laplace posterior (10 draws)"
+    return {'ensemble': UncertaintyInterpretation.from_learner(ensemble, n=2, seed=0),
+            'laplace': UncertaintyInterpretation.from_learner(mnist_learn.laplace(bar=False), n=10, seed=0)}
+
+@pytest.mark.parametrize('name', ['ensemble', 'laplace'])
+def test_every_plot_from_other_predictors(name, predictor_interps, mnist_learn, ensemble, png_dir):
+    it = predictor_interps[name]
+    res, label = it.res, it.res.label
+    assert it.learn is mnist_learn and it.dl.n == len(mnist_learn.dls.valid_ds)      # the learner that shows the items
+    if name == 'ensemble':
+        assert it.predictor is ensemble and label == 'deep ensemble (2 members × 2 passes)'
+        assert (res.method, res.n, res.n_per_member) == ('deep ensemble', 4, 2)
+    else:
+        assert it.predictor.learn is mnist_learn and res.method == 'last-layer Laplace' and label.startswith('last-layer Laplace')
+    axs = it.plot_confusion_hist(max_classes=3)
+    assert axs.shape == (3, 3) and label in axs[0, 0].figure._suptitle.get_text()
+    _save(axs, png_dir, f'confusion_hist_{name}')
+    ax = it.plot_confusion_hist('mutual_info', compact=True)
+    assert label in ax.get_title() and ax.get_xlabel() == 'mutual information (BALD)'
+    plt.close('all')
+    df = it.top_uncertain(4, 'mutual_info')
+    np.testing.assert_allclose(df.mutual_info.to_numpy(), res.mutual_info.sort(descending=True).values[:4].numpy(), rtol=1e-6)
+    axs = it.plot_top_uncertain(4)
+    assert len([a for a in axs.flat if a.images]) == 4 and label in axs[0, 0].figure._suptitle.get_text()
+    _save(axs, png_dir, f'top_uncertain_{name}')
+    ax = it.plot_referral()
+    assert [l.get_text().split(' ')[0] for l in ax.get_legend().get_texts()] == ['entropy', 'mutual_info', 'max_prob', 'oracle', 'random']
+    assert label in ax.get_title()
+    _save(ax, png_dir, f'referral_{name}')
+    axs = it.plot_reliability(n_bins=10, deterministic=True)
+    assert len(axs) == 2 and axs[0].get_title() == f"{label}: ECE {res.ece(n_bins=10):.3f}"
+    det = {'ensemble': 'first member, no sampling', 'laplace': 'MAP network, no sampling'}[name]
+    assert axs[1].get_title().startswith(f"{det}: ECE")
+    assert torch.allclose(it.deterministic_preds()[0], mnist_learn.get_preds(dl=it.dl)[0])   # the lead / MAP network
+    assert sum(int(t.get_text()) for t in axs[0].texts) == len(res)
+    _save(axs, png_dir, f'reliability_{name}')
+    # OOD: the same predictor, the same passes per member (for the ensemble: every member, 2 passes each)
+    animals = animal_silhouettes(60, seed=0)
+    ax = it.plot_ood(mnist_learn.dls.test_dl([animals.attrs['path']/f for f in animals.fname]))
+    ood = it.ood
+    assert (ood.method, ood.n_per_member, ood.n, ood.label) == (res.method, res.n_per_member, res.n, label)
+    assert len(ood) == 60 and label in ax.get_title() and len(ax.get_legend().get_texts()) == 2
+    _save(ax, png_dir, f'ood_{name}')
+
+def test_ensemble_from_preds_and_default_n(ensemble, mnist_learn):
+    dl = mnist_learn.dls.valid
+    it = UncertaintyInterpretation.from_learner(ensemble, dl)            # n not given: the ensemble's 1 pass per member
+    assert (it.res.n, it.res.n_per_member, it.res.label) == (2, 1, 'deep ensemble (2 members)')
+    it = UncertaintyInterpretation.from_preds(ensemble, ensemble.mc_predict(dl, n=2, seed=0), dl, seed=0)
+    assert it.learn is mnist_learn and it.predictor is ensemble
+    it.plot_ood(mnist_learn.dls.test_dl(mnist_learn.dls.valid_ds.items.iloc[:10]))   # any other data
+    assert (it.ood.method, it.ood.n, it.ood.n_per_member) == ('deep ensemble', 4, 2)   # not res.n=4 passes of each member
+    assert it.plot_reliability().get_title().startswith('deep ensemble (2 members × 2 passes): ECE')
+    with pytest.raises(TypeError, match='an `Ensemble` or a Laplace'): UncertaintyInterpretation.from_preds(dl, it.res, dl)
+    plt.close('all')
+
+def test_intervals_from_laplace(toy_interp, png_dir):
+    la = toy_interp.learn.laplace(bar=False)
+    it = UncertaintyInterpretation.from_learner(la, toy_interp.dl, n=30, seed=0)
+    axs = it.plot_intervals(k=2)
+    mu, sd, y = it.res.mean.flatten(), it.res.std.flatten(), it.res.targs.flatten()
+    cover = ((y - mu).abs() <= 2*sd).float().mean().item()
+    assert len(axs) == 2 and axs[0].get_title() == f"{cover:.0%} of targets within ±2·std; {len(y)} items\nlast-layer Laplace (30 passes)"
+    assert axs[1].get_xlabel() == 'x' and it.top_uncertain(3, 'std').columns[:3].tolist() == ['x', 'target', 'mean']
+    _save(axs, png_dir, 'intervals_laplace')
+
 # --- errors that name the fix ----------------------------------------------------------------------------------
 
 def test_errors(interp, toy_interp):

@@ -1,6 +1,6 @@
 """Post-hoc last-layer Laplace (`Learner.laplace`) against independent computations: the GGN by autograd, Bayesian
 linear regression in closed form, the probit integral by Monte Carlo. Plain pytest, so it runs on the newest fastai too."""
-import math, pytest, torch, numpy as np
+import math, copy as pycopy, pytest, torch, numpy as np
 from torch.autograd.functional import jacobian, hessian
 from fastai.vision.all import *
 from fastai.tabular.all import *
@@ -62,6 +62,22 @@ def test_full_ggn_is_jt_h_j_by_autograd(adult):
     lk = learn.laplace('kron', prior_precision=1., dl=dl1, bar=False)
     l1 = learn.laplace('full', prior_precision=1., dl=dl1, bar=False)
     assert torch.allclose(lk.posterior_precision(), l1.posterior_precision(), atol=1e-10)
+
+def test_one_class_per_structure(adult):
+    "`LastLayerLaplace(learn, structure)` and `learn.laplace(structure)` make the structure's subclass; a subclass fits alone"
+    df, learn = adult
+    dl = learn.dls.test_dl(df.iloc[:100], with_labels=True)
+    for s, cls in (('full', FullLaplace), ('kron', KronLaplace), ('diag', DiagLaplace)):
+        la = learn.laplace(s, prior_precision=2., dl=dl, bar=False)
+        assert type(la) is cls and isinstance(la, LastLayerLaplace) and la.structure == s
+        assert type(LastLayerLaplace(learn, structure=s)) is cls and type(pycopy.copy(la)) is cls
+        own = cls(learn).fit(dl, bar=False)
+        own.prior_precision = 2.
+        assert torch.equal(own.posterior_precision(), la.posterior_precision())
+        assert torch.equal(own.log_marglik(), la.log_marglik())
+    assert type(LastLayerLaplace(learn)) is KronLaplace                  # the default structure
+    with pytest.raises(ValueError, match="KronLaplace has structure 'kron', not 'diag'"): KronLaplace(learn, 'diag')
+    with pytest.raises(ValueError, match="structure must be"): LastLayerLaplace(learn, 'block')
 
 def test_tabular_predictions(adult):
     df, learn = adult
