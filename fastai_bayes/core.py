@@ -7,7 +7,7 @@ from __future__ import annotations
 from fastai.basics import *
 
 # %% auto #0
-__all__ = ['modes_kept', 'first_output', 'tensors_in', 'batch_device', 'plain_tensor']
+__all__ = ['modes_kept', 'first_output', 'tensors_in', 'batch_device', 'n_items', 'plain_tensor']
 
 # %% ../nbs/05_core.ipynb #dcdfd2ac
 @contextmanager
@@ -18,7 +18,7 @@ def modes_kept(model:nn.Module):
     finally:
         for m,t in flags: m.training = t
 
-# %% ../nbs/05_core.ipynb #960d814c
+# %% ../nbs/05_core.ipynb #e32d7103
 def first_output(out):
     "The prediction in a model's output: the first element of a tuple or list, else `out` itself"
     return out[0] if isinstance(out, (tuple,list)) else out
@@ -32,6 +32,12 @@ def tensors_in(x):
 def batch_device(xb) -> torch.device:
     "The device of the first tensor in batch `xb`; the CPU if it holds none"
     return next((o.device for o in tensors_in(xb)), torch.device('cpu'))
+
+def n_items(dl) -> int|None:
+    "Number of items `dl` yields: a fastai `DataLoader`'s `n`, else the length of its dataset; None when it can't tell"
+    n = getattr(dl, 'n', None)
+    if n is None and hasattr(getattr(dl, 'dataset', None), '__len__'): n = len(dl.dataset)
+    return n
 
 def plain_tensor(x) -> Tensor:
     "`x` (tensor, fastai tensor subclass, numpy array or list) as a plain `Tensor`"

@@ -17,12 +17,7 @@ from .core import *
 # %% auto #0
 __all__ = ['UncertaintyInterpretation', 'plot_top_uncertain']
 
-# %% ../nbs/60_interpret.ipynb #6010a810
-def _n_items(dl):
-    "Number of items `dl` yields, when it knows"
-    try: return dl.n
-    except Exception: return None
-
+# %% ../nbs/60_interpret.ipynb #bcbac41d
 def _need_clf(res:MCPredictions, what:str):
     "Raise, naming the fix, unless `res` is a labelled classification result"
     if res.kind == 'identity':
@@ -42,7 +37,7 @@ def _learner_of(predictor) -> Learner:
                         "posterior (`learn.laplace()`), anything with `.mc_predict` and a learner")
     return learn
 
-# %% ../nbs/60_interpret.ipynb #d4dca1f7
+# %% ../nbs/60_interpret.ipynb #855f1ceb
 class UncertaintyInterpretation:
     "Plots and tables of one `MCPredictions` on `dl`: where the model is unsure, and whether acting on it pays off"
     def __init__(self,
@@ -51,7 +46,7 @@ class UncertaintyInterpretation:
         res:MCPredictions, # Result of `predictor.mc_predict(dl, ...)`, items in `dl`'s dataset order
         **kwargs # Passed to `predictor.mc_predict` when `plot_ood` predicts other data
     ):
-        n = _n_items(dl)
+        n = n_items(dl)
         if n is not None and n != len(res):
             raise ValueError(f"`res` has {len(res)} items but `dl` has {n}: pass the DataLoader `res` was computed on")
         store_attr('predictor,dl,res')
