@@ -112,7 +112,7 @@ def to_df(self:MCPredictions) -> pd.DataFrame:
         for k in ('entropy','expected_entropy','mutual_info','variation_ratio'): d[k] = self.score(k).numpy()
     return pd.DataFrame(d)
 
-# %% ../nbs/45_predictions.ipynb #4c91efb9
+# %% ../nbs/45_predictions.ipynb #caadc2f9
 def _vocab(dls):
     try: v = dls.vocab
     except Exception: return None
@@ -132,8 +132,8 @@ def sampled_predictions(
     reorder:bool=True, # Items in dataset order, as `get_preds`
 ) -> MCPredictions:
     "One pass of `learn.get_preds` over `dl`, each batch's forward done by the sampler: per-item statistics, in dataset order"
-    sampler_fn()   # bad arguments raise here, before anything runs
-    cb = SamplingCallback(sampler_fn, seed=seed, gather=True, keep_samples=with_samples)
+    smp = sampler_fn()   # bad arguments raise here, before anything runs; the one validation below uses it
+    cb = SamplingCallback(lambda: smp, seed=seed, gather=True, keep_samples=with_samples)
     if dl is None: dl = learn.dls[ds_idx].new(shuffle=False, drop_last=False)
     else:
         try: len(dl)
@@ -157,7 +157,6 @@ def sampled_predictions(
         st = {k: v[:,o] if k=='samples' else v[o] for k,v in st.items()}
         inputs,targs,losses = nested_reorder((inputs,targs,losses), o)
     decoded = getcallable(learn.loss_func, 'decodes')(st['mean']) if with_decoded else None
-    smp = cb.used
     if smp.kind.name == 'softmax' and isinstance(targs, Tensor) and targs.ndim == 2 and targs.shape[1] == 1:
         targs = targs.flatten().long()   # tabular class targets come as N×1 small ints: one class index per item
     return MCPredictions(smp.kind.name, smp.n, targs=targs, decoded=decoded, inputs=inputs, losses=losses,

@@ -29,7 +29,7 @@ class _MCForward:
         pred = cb.sampler.kind.inv(res['mean'])
         return (pred, *first[1:]) if isinstance(first, (tuple,list)) else pred
 
-# %% ../../nbs/40_callback.mc.ipynb #a199c04c
+# %% ../../nbs/40_callback.mc.ipynb #eb28fd76
 class SamplingCallback(Callback):
     "Every non-training forward is the mean of the predictions of the `Sampler` that `make_sampler()` returns"
     order,run_train = 50,False
@@ -40,7 +40,7 @@ class SamplingCallback(Callback):
         keep_samples:bool=False, # With `gather`, also keep every pass
     ):
         store_attr()
-        self.sampler,self._model,self._rng,self.gathered,self.used = None,None,None,[],None
+        self.sampler,self._model,self._rng,self.gathered = None,None,None,[]
 
     def make_sampler(self) -> Sampler:
         "A fresh `Sampler` for one validation"
@@ -53,7 +53,7 @@ class SamplingCallback(Callback):
             self._rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
             torch.manual_seed(self.seed)
         self.sampler = self.make_sampler()
-        self.gathered,self.used = [],self.sampler
+        self.gathered = []
 
     def before_batch(self):
         "Hand the next model call to the sampler"
