@@ -112,7 +112,7 @@ def to_df(self:MCPredictions) -> pd.DataFrame:
         for k in ('entropy','expected_entropy','mutual_info','variation_ratio'): d[k] = self.score(k).numpy()
     return pd.DataFrame(d)
 
-# %% ../nbs/45_predictions.ipynb #caadc2f9
+# %% ../nbs/45_predictions.ipynb #e27acd6a
 def _vocab(dls):
     try: v = dls.vocab
     except Exception: return None
@@ -172,4 +172,5 @@ def mc_predict(self:Learner,
     **kwargs
 ) -> MCPredictions:
     "Monte Carlo dropout predictions on `dl`: `n` stochastic passes per item, one DataLoader pass"
-    return sampled_predictions(self, partial(MCSampler, self.model, n, output_kind(self.loss_func, kind), max_bs), dl, **kwargs)
+    kind = output_kind(self.loss_func, kind, getattr(self, 'calibration', None))   # with the fitted calibration, if any
+    return sampled_predictions(self, partial(MCSampler, self.model, n, kind, max_bs), dl, **kwargs)

@@ -71,20 +71,26 @@ def margin(probs) -> Tensor:
     top = _f32(probs).topk(2, dim=-1)[0]
     return top[...,0] - top[...,1]
 
-# %% ../nbs/20_uncertainty.ipynb #c77f6738
+# %% ../nbs/20_uncertainty.ipynb #056a6185
 class OutputKind:
     "How raw outputs become probabilities (`act`) and back to the loss's input (`inv`), and what their uncertainty is"
     def __init__(self,
         name:str, # 'softmax', 'sigmoid' or 'identity'
         dim:int=-1, # Class dimension for softmax
+        scaling:Callable|None=None, # Post-hoc calibration of one pass's logits before the activation (e.g. temperature)
     ):
         if name not in ('softmax','sigmoid','identity'):
             raise ValueError(f"kind must be 'softmax', 'sigmoid' or 'identity', not {name!r}")
         store_attr()
 
+    def scaled(self, scaling:Callable|None):
+        "The same kind with `scaling` applied to each pass's logits before the activation"
+        return self if scaling is None else OutputKind(self.name, self.dim, scaling)
+
     def act(self, x:Tensor) -> Tensor:
-        "Activation of one pass, in float32"
+        "Activation of one pass, in float32 (after the calibration `scaling`, if any)"
         x = x.float()
+        if self.scaling is not None: x = self.scaling(x)
         if self.name=='softmax': return F.softmax(x, dim=self.dim)
         return torch.sigmoid(x) if self.name=='sigmoid' else x
 
@@ -113,7 +119,9 @@ class OutputKind:
 
     def __eq__(self, other): return self.name == (other.name if isinstance(other, OutputKind) else other)
     def __hash__(self): return hash(self.name)
-    def __repr__(self): return f"OutputKind({self.name!r}" + (f", dim={self.dim})" if self.name=='softmax' else ")")
+    def __repr__(self):
+        return (f"OutputKind({self.name!r}" + (f", dim={self.dim}" if self.name=='softmax' else "")
+                + (f", scaling={self.scaling!r})" if self.scaling is not None else ")"))
 
 # %% ../nbs/20_uncertainty.ipynb #cdfdea70
 def _clf_kind(kind) -> OutputKind:
@@ -122,13 +130,17 @@ def _clf_kind(kind) -> OutputKind:
     if isinstance(kind, str) and kind in ('softmax','sigmoid'): return OutputKind(kind)
     raise ValueError(f"kind must be 'softmax' or 'sigmoid', not {kind!r}")
 
-# %% ../nbs/20_uncertainty.ipynb #8697947d
+# %% ../nbs/20_uncertainty.ipynb #5ada2696
 def output_kind(
     loss_func:Callable, # The learner's loss function
     kind:str|OutputKind|None=None, # Force 'softmax', 'sigmoid' or 'identity'
+    scaling:Callable|None=None, # A fitted calibration of the logits (`learn.calibration`), applied per pass
 ) -> OutputKind:
     "The `OutputKind` of a learner's predictions"
-    if isinstance(kind, OutputKind): return kind
+    if isinstance(kind, OutputKind): return kind.scaled(scaling)
+    return _output_kind(loss_func, kind).scaled(scaling)
+
+def _output_kind(loss_func, kind):
     axis = getattr(loss_func, 'axis', -1)
     if kind is not None: return OutputKind(kind, axis)
     act = getcallable(loss_func, 'activation')

@@ -79,7 +79,7 @@ class SamplingCallback(Callback):
         finally: self._end()
     def after_fit(self): self._end()
 
-# %% ../../nbs/40_callback.mc.ipynb #89e49847
+# %% ../../nbs/40_callback.mc.ipynb #a600fb21
 class MCDropoutCallback(SamplingCallback):
     "Every non-training forward is the average of `n` stochastic passes (activation per pass, mean of probabilities)"
     def __init__(self,
@@ -94,4 +94,6 @@ class MCDropoutCallback(SamplingCallback):
         store_attr('n,max_bs,kind')
         super().__init__(seed=seed, gather=gather, keep_samples=keep_samples)
 
-    def make_sampler(self): return MCSampler(self.model, self.n, output_kind(self.loss_func, self.kind), self.max_bs)
+    def make_sampler(self):
+        kind = output_kind(self.loss_func, self.kind, getattr(self.learn, 'calibration', None))
+        return MCSampler(self.model, self.n, kind, self.max_bs)
