@@ -7,6 +7,7 @@ from .sampling import *
 from .callback.mc import *
 from .predictions import *
 from .metrics import *
+from .calibration import *
 from .ensemble import *
 from .interpret import *
 from .variational import *
