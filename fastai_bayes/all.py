@@ -8,6 +8,7 @@ from .callback.mc import *
 from .predictions import *
 from .metrics import *
 from .calibration import *
+from .conformal import *
 from .ensemble import *
 from .interpret import *
 from .variational import *

@@ -12,7 +12,7 @@ from .predictions import MCPredictions
 from .metrics import expected_calibration_error, nll
 
 # %% auto #0
-__all__ = ['TemperatureScaling', 'VectorScaling', 'fit_scaling']
+__all__ = ['TemperatureScaling', 'VectorScaling', 'fit_scaling', 'lead_learner', 'check_held_out']
 
 # %% ../nbs/55_calibration.ipynb #db98a4e9
 class TemperatureScaling:
@@ -98,34 +98,39 @@ def fit_scaling(
                        ece_before=expected_calibration_error(p0, yt).item(), ece_after=expected_calibration_error(p1, yt).item())
     return sc
 
-# %% ../nbs/55_calibration.ipynb #033d3abd
-def _lead(predictor) -> Learner:
+# %% ../nbs/55_calibration.ipynb #062f10e2
+def lead_learner(predictor) -> Learner:
     "The fastai `Learner` that holds the data and loss of a predictor (a Learner, an Ensemble, a Laplace)"
     if isinstance(predictor, Learner): return predictor
     if hasattr(predictor, 'learners'): return predictor.learners[0]
     return predictor.learn
 
-def _items(dl):
-    its = getattr(dl, 'items', None)
-    if its is None or isinstance(its, pd.DataFrame) or not is_listy(its): return None
-    return {str(o) for o in its if isinstance(o, (str, Path))}
+def _shared_items(a, b) -> int:
+    "How many items two DataLoaders share: equal file names, or DataFrame rows equal under the same index label"
+    a,b = getattr(a, 'items', None),getattr(b, 'items', None)
+    if isinstance(a, pd.DataFrame) and isinstance(b, pd.DataFrame):
+        if not (a.index.is_unique and b.index.is_unique): return 0
+        common,cols = a.index.intersection(b.index),a.columns.intersection(b.columns)
+        if not len(common) or not len(cols): return 0
+        return int((a.loc[common, cols].astype(str).values == b.loc[common, cols].astype(str).values).all(1).sum())
+    names = lambda its: {str(o) for o in its if isinstance(o, (str, Path))} if is_listy(its) else set()
+    return len(names(a) & names(b))
 
-def _check_held_out(learn:Learner, dl):
+def check_held_out(learn:Learner, dl):
     "Refuse calibration data that the learner trained on; warn when its validation set also chose its weights"
     train = getattr(learn.dls, 'train', None) if learn.dls is not None else None
     if train is None: return
     if dl is train: raise ValueError("calibrate on held-out data, not on the training DataLoader: "
                                      "pass `dl=learn.dls.test_dl(held_out_items, with_labels=True)`")
-    a,b = _items(dl),_items(train)
-    if a and b and (k := len(a & b)):
-        raise ValueError(f"{k} of the {len(a)} calibration items are training items: calibrate on held-out data, "
+    if dl is not None and (k := _shared_items(dl, train)):
+        raise ValueError(f"{k} of the calibration items are training items: calibrate on held-out data, "
                          "e.g. `learn.dls.test_dl(held_out_items, with_labels=True)`")
     valid = getattr(learn.dls, 'valid', None)
     if (dl is None or dl is valid) and any(isinstance(c, TrackerCallback) for c in learn.cbs):
         warn(f"calibrating on the validation set that {type(first(c for c in learn.cbs if isinstance(c, TrackerCallback))).__name__} "
              "uses to choose the weights: the fitted calibration is optimistic. Pass held-out items as `dl=`")
 
-# %% ../nbs/55_calibration.ipynb #31f2d710
+# %% ../nbs/55_calibration.ipynb #f26510f2
 @patch
 def calibrate(self:Learner,
     dl:DataLoader|None=None, # Held-out labelled data; default the validation set (`ds_idx`)
@@ -136,12 +141,12 @@ def calibrate(self:Learner,
     **kwargs, # Passed to `mc_predict` (e.g. `max_bs`)
 ):
     "Fit a post-hoc calibration of the MC predictive on held-out `dl`; keep it in `self.calibration` (applied to every pass from now on)"
-    learn = _lead(self)
+    learn = lead_learner(self)
     if method not in ('temperature','vector'): raise ValueError(f"method must be 'temperature' or 'vector', not {method!r}")
     if output_kind(learn.loss_func, kwargs.get('kind')) == 'identity':
         raise ValueError("Scaling calibrates class probabilities; this learner is a regression. For calibrated "
                          "intervals use `conformal(res_cal, method='std')` on held-out predictions")
-    _check_held_out(learn, dl)
+    check_held_out(learn, dl)
     old = getattr(self, 'calibration', None)
     self.calibration = None      # fit on the raw passes: a second calibrate replaces the first, it does not stack
     try: res = self.mc_predict(dl, with_samples=True, seed=seed, ds_idx=ds_idx, **({} if n is None else dict(n=n)), **kwargs)
