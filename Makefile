@@ -1,5 +1,6 @@
 # `make test` sets up what it needs (on a fresh machine too), checks that the library matches the notebooks, and runs
-# every test with no network. `make demo` runs the triage command's demo. `make bench` prints the sampling-engine benchmark.
+# every test with no network (tests/test_docs.py builds the docs site and opens it in Chromium). `make docs` builds the
+# docs site into _docs/. `make demo` runs the triage command's demo. `make bench` prints the sampling-engine benchmark.
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 PY ?= python3
@@ -13,7 +14,7 @@ PIP_Q := --quiet --disable-pip-version-check
 QUIET := 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 NONET := $(shell unshare -n true 2>/dev/null && echo "unshare -n")
 
-.PHONY: test test-latest sync export bench demo browser clean-venv
+.PHONY: test test-latest sync export docs bench demo browser clean-venv
 
 $(VENV)/.installed: settings.ini setup.py .ci/constraints.txt
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -40,6 +41,11 @@ browser:
 # Own files: make demo ARGS="model.pkl new_images/ --out triage"
 demo: $(VENV)/.installed
 	$(VENV)/bin/fastai_bayes_triage $(ARGS)
+
+# The docs site, offline: README as the home page, a page per module, the tutorials executed (tools/docs.py; Sphinx +
+# MyST-NB from PyPI, no Quarto). Open _docs/index.html.
+docs: $(VENV)/.installed
+	$(NONET) $(VENV)/bin/python tools/docs.py
 
 export: $(VENV)/.installed
 	$(VENV)/bin/nbdev_clean && $(VENV)/bin/nbdev_export && $(VENV)/bin/python tools/readme.py

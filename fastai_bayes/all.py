@@ -10,6 +10,7 @@ from .metrics import *
 from .calibration import *
 from .conformal import *
 from .ensemble import *
+from .items import *
 from .interpret import *
 from .variational import *
 from .laplace import *

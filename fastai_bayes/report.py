@@ -77,7 +77,7 @@ def plot_triage_images(df:pd.DataFrame, files:list, k:int=16, ncols:int=8):
     fig.suptitle(f"Most uncertain inputs by {triage_score_label(score)} (orange: referred)", fontsize=10)
     return fig
 
-# %% ../nbs/94_report.ipynb #00887492
+# %% ../nbs/94_report.ipynb #361fce95
 def _data_uri(png:bytes) -> str: return 'data:image/png;base64,' + base64.b64encode(png).decode()
 
 def _thumb(f:Path, size:int=64) -> str:
@@ -89,7 +89,8 @@ def _thumb(f:Path, size:int=64) -> str:
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:middle}
-tr.refer td{background:#fff1e0}.note{color:#555;font-size:14px}img.plot{max-width:100%}code{background:#f3f3f3;padding:0 3px}"""
+tr.refer td{background:#fff1e0}.note{color:#555;font-size:14px}img.plot{max-width:100%}code{background:#f3f3f3;padding:0 3px}
+.wide{overflow-x:auto}td.input{max-width:32em}th.input{background:#f4f7fb}summary{cursor:pointer}details[open] summary{color:#777}"""
 
 _LOADED_JS = """<script>window.addEventListener('load',()=>{const i=[...document.images];
 document.body.dataset.imagesLoaded=i.filter(o=>o.complete&&o.naturalWidth>0).length+'/'+i.length;});</script>"""
@@ -97,6 +98,16 @@ document.body.dataset.imagesLoaded=i.filter(o=>o.complete&&o.naturalWidth>0).len
 def _fmt(v) -> str:
     if isinstance(v, (float, np.floating)): return f'{v:.4g}'
     return html.escape(str(v))
+
+def _fmt_input(
+    v, # A value of one of the input's own columns
+    max_chars:int=120, # Longer texts are shortened, the whole text in a `<details>` that opens on a click
+) -> str:
+    "An input's field as a report cell: missing values empty, long texts shortened at a word with the whole text on expand"
+    if v is None or (not isinstance(v, str) and pd.api.types.is_scalar(v) and pd.isna(v)): return ''
+    if not isinstance(v, str) or len(v) <= max_chars: return _fmt(v)
+    short = v[:max_chars].rsplit(' ', 1)[0].rstrip(' ,;:.')
+    return f"<details><summary>{html.escape(short)} …</summary>{html.escape(v)}</details>"
 
 def triage_html(
     df:pd.DataFrame, # Result of `triage_df`
@@ -119,14 +130,18 @@ def triage_html(
              "inputs). A referred input should be decided by a person: the model's answer for it is not reliable.</p>"]
     for title,png in plots.items(): parts.append(f"<h2>{e(title)}</h2><img class='plot' alt='{e(title)}' src='{_data_uri(png)}'>")
     top = df.sort_values(a['score'], ascending=False, kind='stable').head(k)
-    cols = [c for c in top.columns if c != 'refer']
-    parts.append(f"<h2>The {len(top)} most uncertain inputs</h2><table><tr>" + ('<th>input</th>' if files else '') +
-                 ''.join(f'<th>{e(c)}</th>' for c in cols) + '<th>refer</th></tr>')
+    cols,inp = [c for c in top.columns if c != 'refer'],set(a.get('input_cols') or [])
+    cls = lambda c: " class='input'" if c in inp else ''
+    parts.append(f"<h2>The {len(top)} most uncertain inputs</h2>")
+    if inp: parts.append("<p class='note'>Shaded headings are the input's own columns; a long text opens in full on a click.</p>")
+    parts.append("<div class='wide'><table><tr>" + ('<th>input</th>' if files else '') +
+                 ''.join(f'<th{cls(c)}>{e(str(c))}</th>' for c in cols) + '<th>refer</th></tr>')
     for i,r in top.iterrows():
         img = f"<td><img alt='{e(str(r['item']))}' src='{_thumb(files[i])}'></td>" if files else ''
-        parts.append(f"<tr class='{'refer' if r['refer'] else ''}'>{img}" + ''.join(f'<td>{_fmt(r[c])}</td>' for c in cols) +
+        parts.append(f"<tr class='{'refer' if r['refer'] else ''}'>{img}" +
+                     ''.join(f'<td{cls(c)}>{_fmt_input(r[c]) if c in inp else _fmt(r[c])}</td>' for c in cols) +
                      f"<td>{'yes' if r['refer'] else ''}</td></tr>")
-    parts.append('</table>')
+    parts.append('</table></div>')
     if skipped:
         parts.append(f"<h2>{len(skipped)} inputs skipped (unreadable)</h2><ul>" +
                      ''.join(f'<li><code>{e(n)}</code>: {e(w)}</li>' for n,w in skipped) + '</ul>')

@@ -64,7 +64,7 @@ def needed_columns(learn:Learner) -> list:
         return [str(c) for c in cols]
     raise TriageError("This learner reads images: pass a folder of images, not a CSV file.")
 
-# %% ../nbs/95_triage.ipynb #7793f325
+# %% ../nbs/95_triage.ipynb #42cb2b5f
 def _check_image(f:Path) -> str|None:
     "None if `f` decodes as an image, else why not"
     try:
@@ -76,7 +76,7 @@ def triage_items(
     learn:Learner, # Learner the inputs are for
     inputs:str|Path, # A folder of images, or a CSV file for tabular and text learners
 ) -> tuple:
-    "`(items, names, skipped)`: what `learn.dls.test_dl` takes, a name per item, and `(name, reason)` of skipped inputs"
+    "`(items, names, skipped, table)`: what `learn.dls.test_dl` takes, a name per item, `(name, reason)` of skipped inputs, and the CSV as read (None for images)"
     p,kind = Path(inputs),learner_input(learn)
     if not p.exists(): raise TriageError(f"Inputs {p} do not exist. Pass a folder of images or a CSV file.")
     if p.is_dir():
@@ -90,7 +90,7 @@ def triage_items(
         bad = [(n, why) for _,n,why in checked if why is not None]
         keep = [(f, n) for f,n,why in checked if why is None]
         if not keep: raise TriageError(f"None of the {len(files)} image files in {p} could be read, e.g. {bad[0][0]}: {bad[0][1]}")
-        return [f for f,_ in keep],[n for _,n in keep],bad
+        return [f for f,_ in keep],[n for _,n in keep],bad,None
     if p.suffix.lower() not in ('.csv', '.tsv', '.txt', '.gz', '.bz2'):
         raise TriageError(f"{p} is neither a folder of images nor a CSV file.")
     need = needed_columns(learn)
@@ -103,11 +103,11 @@ def triage_items(
                           f"the file has {list(df.columns)}.")
     names = [str(i) for i in df.index]
     if kind == 'text':
-        if len(need) > 1: return df[need].astype(str).agg(' '.join, axis=1).tolist(),names,[]
-        return df[need[0]].astype(str).tolist(),names,[]
-    return df[need].reset_index(drop=True),names,[]
+        if len(need) > 1: return df[need].astype(str).agg(' '.join, axis=1).tolist(),names,[],df
+        return df[need[0]].astype(str).tolist(),names,[],df
+    return df[need].reset_index(drop=True),names,[],df
 
-# %% ../nbs/95_triage.ipynb #f4bef274
+# %% ../nbs/95_triage.ipynb #15c28965
 def _check_refer(refer:float):
     if not 0 <= refer < 1: raise TriageError(f"refer is the fraction of inputs to refer and must be in [0, 1), got {refer}")
 
@@ -126,13 +126,23 @@ def _default_score(res:MCPredictions, score:str|None) -> str:
     res.score(score)  # a clear error for a name this result does not have
     return score
 
+def _input_columns(inputs:pd.DataFrame, taken:set) -> pd.DataFrame:
+    "`inputs` with every column whose name a triage column already has renamed `input_<name>`"
+    def free(c):
+        c = str(c)
+        while c in taken: c = f'input_{c}'
+        taken.add(c)
+        return c
+    return inputs.set_axis([free(c) for c in inputs.columns], axis=1).reset_index(drop=True)
+
 def triage_df(
     res:MCPredictions, # `mc_predict` result on the inputs
     names:list, # One name per item
     refer:float=0.05, # Fraction of the inputs, the most uncertain, to refer to a person
     score:str|None=None, # Score to rank by; None: 'mutual_info' (classification) or 'std' (regression)
+    inputs:pd.DataFrame|None=None, # The inputs' own columns (a CSV's), one row per item, placed after `item`
 ) -> pd.DataFrame:
-    "One row per input: item, prediction, probability, every score, and `refer`"
+    "One row per input: item, the input's own columns, prediction, probability, every score, and `refer`"
     score = _default_score(res, score)
     df = res.to_df().drop(columns=['target'], errors='ignore')
     df = df[[c for c in df.columns if not c.startswith('p_')]]
@@ -140,10 +150,16 @@ def triage_df(
     s = res.score(score).float()
     flags,thresh = _referral(s, refer)
     df['refer'] = flags.numpy()
-    df.attrs.update(score=score, refer=refer, threshold=thresh, n=res.n, kind=res.kind)
+    cols = []
+    if inputs is not None:
+        if len(inputs) != len(df): raise TriageError(f"{len(inputs)} rows of inputs for {len(df)} predictions")
+        inp = _input_columns(inputs, set(df.columns))
+        cols = list(inp.columns)
+        df = pd.concat([df[['item']], inp, df.drop(columns='item')], axis=1)
+    df.attrs.update(score=score, refer=refer, threshold=thresh, n=res.n, kind=res.kind, input_cols=cols)
     return df
 
-# %% ../nbs/95_triage.ipynb #a80b8853
+# %% ../nbs/95_triage.ipynb #4526c5b4
 def triage(
     learn:Learner|str|Path, # A learner, or a file written by `learn.export()` (only load files you trust)
     inputs:str|Path, # A folder of images, or a CSV file for tabular and text learners
@@ -158,10 +174,10 @@ def triage(
     "Predict on `inputs` with `n` MC passes, flag the `refer` most uncertain fraction, and write a CSV, plots and a report"
     _check_refer(refer)  # before the learner is loaded and the passes run
     if isinstance(learn, (str, Path)): learn = load_triage_learner(learn)
-    items,names,skipped = triage_items(learn, inputs)
+    items,names,skipped,table = triage_items(learn, inputs)
     dl = learn.dls.test_dl(items, bs=bs)
     with (nullcontext() if progress else learn.no_bar()): res = learn.mc_predict(dl, n=n, seed=seed)
-    df = triage_df(res, names, refer, score)
+    df = triage_df(res, names, refer, score, inputs=table)
     df.attrs['skipped'] = skipped
     if out is not None:
         out = Path(out); out.mkdir(parents=True, exist_ok=True)

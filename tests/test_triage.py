@@ -1,5 +1,5 @@
 "The `fastai_bayes_triage` console command on real exported learners: outputs, the report in a browser, bad input."
-import math, re, shutil, subprocess, sys
+import html as html_mod, math, re, shutil, subprocess, sys
 from pathlib import Path
 import pytest
 from fastai.vision.all import *
@@ -93,7 +93,18 @@ def test_tabular_csv(tmp_path):
     assert len(t) == 100 and t['refer'].sum() == 5 and t['pred'].isin(learn.dls.vocab).all()
     res = learn.mc_predict(learn.dls.test_dl(new), n=10, seed=42)
     np.testing.assert_allclose(t['mutual_info'].values, res.mutual_info.numpy(), atol=1e-5)
-    assert (tmp_path/'out'/'report.html').exists() and not (tmp_path/'out'/'most_uncertain_inputs.png').exists()
+    # the row's own fields beside the prediction: every column of the CSV, as it was
+    assert list(t.columns[:len(new.columns)+2]) == ['item', *new.columns, 'pred'][:len(new.columns)+2]
+    pd.testing.assert_frame_equal(t[list(new.columns)], pd.read_csv(tmp_path/'rows.csv'))
+    page = (tmp_path/'out'/'report.html').read_text()
+    top = t.sort_values('mutual_info', ascending=False, kind='stable').head(30)
+    rows = re.findall(r"<tr class='(?:refer)?'>(.*?)</tr>", page, re.S)
+    def shown(v): return '' if pd.isna(v) else f'{v:.4g}' if isinstance(v, float) else html_mod.escape(str(v))
+    assert len(rows) == 30
+    for row,(_,r) in zip(rows, top.iterrows()):   # each report row shows that input's fields, in the ranking's order
+        cells = re.findall(r"<td class='input'>(.*?)</td>", row)
+        assert cells == [shown(r[c]) for c in new.columns], (cells, r)
+    assert not (tmp_path/'out'/'most_uncertain_inputs.png').exists()
     new.drop(columns=[a['cont_names'][0], a['cat_names'][0]]).to_csv(tmp_path/'short.csv', index=False)
     r = run_cli(tmp_path/'adult.pkl', tmp_path/'short.csv', '--out', tmp_path/'o2')
     assert r.returncode == 1 and f"lacks the learner's columns {[a['cat_names'][0], a['cont_names'][0]]}" in r.stderr
@@ -116,12 +127,24 @@ def test_text_and_regression_csv(tmp_path):
     dls = TextDataLoaders.from_df(df, text_col='text', label_col='label', valid_col='is_valid', bs=32, num_workers=0)
     learn = text_classifier_learner(dls, AWD_LSTM, pretrained=False, config=dict(emb_sz=16, n_hid=16, n_layers=1), drop_mult=0.5)
     fit_quietly(learn, 1).export(tmp_path/'text.pkl')
-    df.iloc[:40][['text']].to_csv(tmp_path/'reviews.csv', index=False)
+    df.iloc[:40][['text', 'label']].to_csv(tmp_path/'reviews.csv', index=False)
     t = triage(tmp_path/'text.pkl', tmp_path/'reviews.csv', n=5, out=tmp_path/'t', progress=False)
     lt = load_triage_learner(tmp_path/'text.pkl')
     res = lt.mc_predict(lt.dls.test_dl(df.iloc[:40]['text'].tolist(), bs=64), n=5, seed=42)
     np.testing.assert_allclose(t['mutual_info'].values, res.mutual_info.numpy(), atol=1e-6)
     assert len(t) == 40 and t.refer.sum() == 2 and t['pred'].isin(lt.dls.vocab[1]).all()
+    # triage.csv: the reviews themselves and the CSV's own label column, then the prediction
+    saved = pd.read_csv(tmp_path/'t'/'triage.csv')
+    assert list(saved.columns[:4]) == ['item', 'text', 'label', 'pred']
+    assert saved['text'].tolist() == df['text'][:40].tolist() and saved['label'].tolist() == df['label'][:40].tolist()
+    page = (tmp_path/'t'/'report.html').read_text()
+    assert 'xxbos' not in page and 'xxmaj' not in page
+    top = saved.sort_values('mutual_info', ascending=False, kind='stable').head(30)
+    for txt in top['text']:
+        shown = html_mod.escape(txt)
+        # a long review: shortened in the cell, the whole of it inside <details>; a short one as it is
+        assert (f'</summary>{shown}</details>' if len(txt) > 120 else f"<td class='input'>{shown}</td>") in page
+    assert page.count('<details>') == (top['text'].str.len() > 120).sum() > 0
     df.iloc[:5][['label']].to_csv(tmp_path/'labels.csv', index=False)
     with pytest.raises(TriageError, match=r"lacks the learner's columns \['text'\]"): triage(lt, tmp_path/'labels.csv', out=None)
     d = diabetes_df()
@@ -130,6 +153,7 @@ def test_text_and_regression_csv(tmp_path):
     fit_quietly(tabular_learner(dls, layers=[32], config=tabular_config(ps=[0.2]), y_range=(0, 400)), 2).export(tmp_path/'reg.pkl')
     d.iloc[350:].drop(columns=['target']).to_csv(tmp_path/'patients.csv', index=False)
     t = triage(tmp_path/'reg.pkl', tmp_path/'patients.csv', n=10, refer=0.1, out=tmp_path/'r', progress=False)
-    assert list(t.columns) == ['item', 'mean', 'std', 'refer'] and t.attrs['score'] == 'std'
+    assert list(t.columns) == ['item', *d.attrs['cont_names'], 'mean', 'std', 'refer'] and t.attrs['score'] == 'std'
+    np.testing.assert_allclose(t[d.attrs['cont_names']].to_numpy(), d.iloc[350:][d.attrs['cont_names']].to_numpy())
     assert set(t.index[t.refer]) == set(t['std'].nlargest(math.ceil(0.1*len(t)), keep='first').index)
     assert (tmp_path/'r'/'report.html').exists()
