@@ -15,10 +15,12 @@ from PIL import Image
 from .datasets import *
 
 # %% auto #0
-__all__ = ['demo_cnn', 'demo_learner', 'demo_inputs', 'demo_summary']
+__all__ = ['DEMO_RISK', 'demo_cnn', 'demo_learner', 'demo_inputs', 'demo_calibration', 'demo_summary']
 
-# %% ../nbs/93_demo.ipynb #a2d9e88b
+# %% ../nbs/93_demo.ipynb #a79f59fe
 _DEMO_TRAIN = 2000
+_DEMO_CAL = 4000   # the calibration digits come from the end of the shuffled MNIST order (5000 images)
+DEMO_RISK = 0.05   # the demo refers so that at most 5% of the digits it keeps are wrong (with 90% confidence)
 
 def demo_cnn(pretrained:bool=False, **kwargs):
     "The demo learner's small convolutional body (a resnet takes minutes an epoch on a laptop CPU)"
@@ -40,7 +42,7 @@ def demo_learner(
     learn.export(f.absolute())
     return f
 
-# %% ../nbs/93_demo.ipynb #5303ff18
+# %% ../nbs/93_demo.ipynb #d5e85802
 def demo_inputs(
     path:str|Path|None=None, # Folder for the PNGs; None: `data_dir()/'triage_demo/inputs'`
     n_digits:int=200, # MNIST digits the demo learner was not trained on
@@ -48,14 +50,33 @@ def demo_inputs(
 ) -> Path:
     "A folder of held-out digits (`digit_*.png`) mixed with animal silhouettes (`animal_*.png`)"
     path = Path(ifnone(path, data_dir()/'triage_demo'/'inputs'))
+    if n_digits > _DEMO_CAL - _DEMO_TRAIN:
+        raise ValueError(f"n_digits must be at most {_DEMO_CAL - _DEMO_TRAIN} (the held-out digits before the calibration ones)")
     x,y = mnist_arrays(None, seed=0)  # the demo learner saw the first `_DEMO_TRAIN` of this order
     x,y = x[_DEMO_TRAIN:_DEMO_TRAIN+n_digits],y[_DEMO_TRAIN:_DEMO_TRAIN+n_digits]
-    xa,ya = animal_arrays(n_animals, seed=1)
+    xa,ya = animal_arrays(n_animals, seed=1) if n_animals else (np.zeros((0, *x.shape[1:]), x.dtype),[])
     names = [f'digit_{i:04d}_{c}.png' for i,c in enumerate(y)] + [f'animal_{i:04d}_{ANIMAL_CLASSES[c]}.png' for i,c in enumerate(ya)]
     if path.exists() and sorted(o.name for o in path.iterdir()) == sorted(names): return path
     if path.exists(): shutil.rmtree(path)
     path.mkdir(parents=True)
     for n_,im in zip(names, np.concatenate([x, xa])): Image.fromarray(im).save(path/n_)
+    return path
+
+# %% ../nbs/93_demo.ipynb #0936382f
+def demo_calibration(
+    path:str|Path|None=None, # Folder for the PNGs; None: `data_dir()/'triage_demo/calibration'`
+    n:int=1000, # Labelled held-out digits (at most 1000)
+) -> Path:
+    "A folder of held-out labelled digits, one subfolder per class, to fit the demo's referral rule on"
+    path = Path(ifnone(path, data_dir()/'triage_demo'/'calibration'))
+    x,y = mnist_arrays(None, seed=0)
+    x,y = x[_DEMO_CAL:_DEMO_CAL+n],y[_DEMO_CAL:_DEMO_CAL+n]
+    names = [f'{MNIST_CLASSES[c]}/cal_{i:04d}.png' for i,c in enumerate(y)]
+    if path.exists() and sorted(str(o.relative_to(path)) for o in path.rglob('*.png')) == sorted(names): return path
+    if path.exists(): shutil.rmtree(path)
+    for n_,im in zip(names, x):
+        (path/n_).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(path/n_)
     return path
 
 # %% ../nbs/93_demo.ipynb #b7a6ff1c

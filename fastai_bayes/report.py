@@ -28,7 +28,7 @@ def figure_png(fig) -> bytes:
     plt.close(fig)
     return buf.getvalue()
 
-# %% ../nbs/94_report.ipynb #d1debeff
+# %% ../nbs/94_report.ipynb #65092e50
 def plot_triage_scores(df:pd.DataFrame, bins:int=40):
     "Histogram of the ranking score, referred inputs in orange, the referral threshold dashed"
     score,thr = df.attrs['score'],df.attrs['threshold']
@@ -39,7 +39,7 @@ def plot_triage_scores(df:pd.DataFrame, bins:int=40):
     if r.any(): ax.hist(s[r], bins=edges, color='tab:orange', alpha=0.9, label=f'referred to a person ({r.sum()})')
     if thr is not None: ax.axvline(thr, color='k', ls='--', lw=1)
     ax.set_xlabel(triage_score_label(score)); ax.set_ylabel('inputs'); ax.legend()
-    ax.set_title(f"{len(df)} inputs: the {df.attrs['refer']:.0%} most uncertain are referred")
+    ax.set_title(f"{len(df)} inputs: {r.sum()} ({r.mean():.0%}) referred")
     return fig
 
 def plot_triage_preds(df:pd.DataFrame, max_classes:int=30):
@@ -77,7 +77,7 @@ def plot_triage_images(df:pd.DataFrame, files:list, k:int=16, ncols:int=8):
     fig.suptitle(f"Most uncertain inputs by {triage_score_label(score)} (orange: referred)", fontsize=10)
     return fig
 
-# %% ../nbs/94_report.ipynb #361fce95
+# %% ../nbs/94_report.ipynb #142ec905
 def _data_uri(png:bytes) -> str: return 'data:image/png;base64,' + base64.b64encode(png).decode()
 
 def _thumb(f:Path, size:int=64) -> str:
@@ -120,11 +120,10 @@ def triage_html(
     "A self-contained HTML report: summary, plots, the most uncertain inputs, skipped inputs"
     a,e = df.attrs,html.escape
     nr = int(df['refer'].sum())
-    thr = '' if a['threshold'] is None else f" (score ≥ {a['threshold']:.4g})"
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Triage report</title><style>{_CSS}</style></head><body>",
              f"<h1>Triage report</h1><p>{e(source)}</p>",
-             f"<p><b>{len(df)}</b> inputs, <b>{a['n']}</b> Monte Carlo passes each. <b>{nr}</b> referred to a person: "
-             f"the {a['refer']:.0%} most uncertain by {e(triage_score_label(a['score']))}{e(thr)}.</p>",
+             f"<p><b>{len(df)}</b> inputs, <b>{a['n']}</b> Monte Carlo passes each. <b>{nr}</b> ({a['refer']:.0%}) "
+             f"referred to a person. <b>Rule:</b> {e(a['rule'])}.</p>",
              "<p class='note'>Mutual information (BALD) is high when the passes disagree, which happens on inputs unlike "
              "the training data; predictive entropy is also high when the model is consistently unsure (ambiguous "
              "inputs). A referred input should be decided by a person: the model's answer for it is not reliable.</p>"]

@@ -116,9 +116,62 @@ def test_demo_default(tmp_path):
     assert r.returncode == 0, r.stderr
     t = pd.read_csv(tmp_path/'triage'/'triage.csv')
     ani = t['item'].str.startswith('animal_')
-    assert len(t) == 250 and ani.sum() == 50 and t.refer.sum() == math.ceil(0.05*250)
+    assert len(t) == 250 and ani.sum() == 50
     assert ani[t.refer].mean() > 2*ani.mean()
     assert re.search(r'Animal silhouettes are 20% of the inputs \(50 of 250\) and \d+% of the referred', r.stdout)
+    assert 'with probability ≥ 90% the error among the items kept is ≤ 5.0% (fitted on 1000 held-out items' in r.stdout
+    assert (tmp_path/'triage'/'referral.pkl').exists()
+
+def test_demo_refers_more_with_more_animals(tmp_path):
+    "A threshold fitted once on held-out digits: the share referred follows the inputs, where a fixed fraction would not"
+    learn = load_triage_learner(demo_learner(progress=False))
+    rule = fit_triage_referral(learn, demo_calibration(), risk=DEMO_RISK, progress=False)
+    assert isinstance(rule, RiskThreshold) and math.isfinite(rule.threshold) and rule.n_cal == 1000
+    shares = []
+    for na in (0, 50, 200):
+        t = triage(learn, demo_inputs(tmp_path/f'in{na}', n_digits=200, n_animals=na), out=None, progress=False)
+        assert t.attrs['rule'] == rule.describe()            # the learner's fitted rule is the default
+        shares.append(t.refer.mean())
+        dig = t['item'].str.startswith('digit_')
+        kept = dig & ~t.refer
+        wrong = t.loc[kept, 'pred'] != t.loc[kept, 'item'].str.extract(r'_(\d)\.png$')[0]
+        assert wrong.mean() <= DEMO_RISK + 0.05, wrong.mean()   # 200 digits: the guarantee's rate within noise
+    assert shares[0] < shares[1] < shares[2] and shares[2] - shares[0] > 0.2, shares
+
+def test_cli_risk_and_coverage_rules(vision, tmp_path):
+    "--risk/--coverage fit on labelled held-out folders; a learner exported with its referral uses it; errors say what to pass"
+    learner, inp = vision
+    cal = demo_calibration(tmp_path/'cal', n=300)
+    r = run_cli(learner, inp, '--coverage', 0.6, '--calibrate_on', cal, '--n', 8, '--out', tmp_path/'cov')
+    assert r.returncode == 0, r.stderr
+    t = pd.read_csv(tmp_path/'cov'/'triage.csv', keep_default_na=False)
+    sizes = t['conformal_set'].map(lambda s: len(s.split(';')) if s else 0)
+    assert (t['refer'] == (sizes != 1)).all() and t['refer'].any() and (~t['refer']).any()
+    assert 'APS conformal prediction sets at coverage 60%' in r.stdout and 'fitted on 300 held-out items' in r.stdout
+    page = (tmp_path/'cov'/'report.html').read_text()
+    assert 'fitted on 300 held-out items' in page
+    rule = torch.load(tmp_path/'cov'/'referral.pkl', weights_only=False)
+    assert isinstance(rule, Conformal) and rule.n == 8
+    # stored with the learner: fit_referral, export, and the command uses it with no option
+    learn = load_learner(learner)
+    rt = fit_triage_referral(learn, cal, risk=0.3, progress=False)
+    learn.export(tmp_path/'with_rule.pkl')
+    r = run_cli(tmp_path/'with_rule.pkl', inp, '--out', tmp_path/'stored')
+    assert r.returncode == 0, r.stderr
+    assert rt.describe() in r.stdout
+    r = run_cli(tmp_path/'with_rule.pkl', inp, '--risk', 0.3, '--out', tmp_path/'same')
+    assert r.returncode == 0 and rt.describe() in r.stdout
+    # errors, before anything runs
+    r = run_cli(learner, inp, '--risk', 0.05)
+    assert r.returncode == 1 and 'must be fitted on held-out labelled inputs first' in r.stderr and '--calibrate_on' in r.stderr
+    r = run_cli(learner, inp, '--risk', 0.05, '--refer', 0.1)
+    assert r.returncode == 1 and 'Pass one of refer, risk and coverage' in r.stderr
+    r = run_cli(learner, inp, '--coverage', 1.5, '--calibrate_on', cal)
+    assert r.returncode == 1 and 'coverage must lie in (0, 1)' in r.stderr
+    (tmp_path/'badcal'/'seven').mkdir(parents=True)
+    shutil.copy(next(cal.rglob('*.png')), tmp_path/'badcal'/'seven'/'x.png')
+    r = run_cli(learner, inp, '--risk', 0.05, '--calibrate_on', tmp_path/'badcal')
+    assert r.returncode == 1 and "Labels ['seven']" in r.stderr and 'one subfolder per class' in r.stderr
 
 def test_text_and_regression_csv(tmp_path):
     "A text classifier reads the CSV's text column; a regression learner is ranked by the spread of its passes"
