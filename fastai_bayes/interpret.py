@@ -15,7 +15,7 @@ from .metrics import *
 from .core import *
 
 # %% auto #0
-__all__ = ['UncertaintyInterpretation', 'plot_top_uncertain']
+__all__ = ['UncertaintyInterpretation', 'plot_top_uncertain', 'referral_band']
 
 # %% ../nbs/60_interpret.ipynb #bcbac41d
 def _need_clf(res:MCPredictions, what:str):
@@ -176,7 +176,7 @@ def _items_df(dl, idxs) -> pd.DataFrame|None:
         return pd.DataFrame({'item': [name(items[i]) for i in idxs]})
     return None
 
-# %% ../nbs/60_interpret.ipynb #cc640d7f
+# %% ../nbs/60_interpret.ipynb #535ae278
 @patch
 def _results(self:UncertaintyInterpretation) -> pd.DataFrame:
     "Target, prediction, probability and every score of every item (computed once)"
@@ -185,6 +185,7 @@ def _results(self:UncertaintyInterpretation) -> pd.DataFrame:
         df = res.to_df()
         df = df[[c for c in df.columns if c in ('target','pred','prob') or c.startswith(('mean','std'))]].copy()
         for name in scores_for(res.kind): df[name] = res.score(name).numpy()
+        if res.auto is not None: df['n_used'] = res.n_used.numpy()
         self._cache['results'] = df
     return self._cache['results']
 
@@ -213,15 +214,18 @@ def top_uncertain(self:UncertaintyInterpretation,
     k:int|None=9, # Number of items; None: all
     score:str='entropy', # Uncertainty score to rank by, a name `res.score` takes
     largest:bool=True, # Most uncertain first; False: the most certain
+    se:bool=False, # Add every score's Monte Carlo standard error (columns `{name}_se`)
 ) -> pd.DataFrame:
-    "The `k` most (or least) uncertain items by `score`: input, target, prediction, probability and every score"
+    "The `k` most (or least) uncertain items by `score`: input, target, prediction, probability, every score (± its SE)"
     s = self.res.score(score)
     idx = torch.sort(s, descending=largest, stable=True).indices[:ifnone(k, len(s))]
     df = self._table(idx.tolist())
+    if se:
+        for name in scores_for(self.res.kind): df[f'{name}_se'] = self.res.se(name)[idx].numpy()
     df.attrs.update(score=score, largest=largest, label=self.res.label)
     return df
 
-# %% ../nbs/60_interpret.ipynb #59a78ca8
+# %% ../nbs/60_interpret.ipynb #057d5e55
 @dispatch
 def plot_top_uncertain(x, y, samples, table, **kwargs):
     "Display the `table` of the most uncertain items: the default for types without a plot of their own"
@@ -244,7 +248,8 @@ def plot_top_uncertain(x:TensorImage, y, samples, table, nrows=None, ncols=None,
         s[0].show(ctx=ax, **kwargs)
         wrong = 'target' in r and 'pred' in r and r['target'] != r['pred']
         prob = f", p {r['prob']:.2f}" if 'prob' in r else ''
-        ax.set_title(f"{_pred_actual(r)}\n{score} {r[score]:.3f}{prob}", fontsize=9, color='red' if wrong else 'black')
+        err = f" ± {r[score+'_se']:.3f}" if score+'_se' in r else ''
+        ax.set_title(f"{_pred_actual(r)}\n{score} {r[score]:.3f}{err}{prob}", fontsize=9, color='red' if wrong else 'black')
     for ax in axs.flat[n:]: ax.axis('off')
     by = f"{score}, {table.attrs['label']}" if 'label' in table.attrs else score
     fig.suptitle(f"{'Most' if table.attrs.get('largest', True) else 'Least'} uncertain by {by}\n"
@@ -263,7 +268,7 @@ def plot_top_uncertain(x:TensorText, y, samples, table, trunc_at=150, **kwargs):
     display_df(df)
     return df
 
-# %% ../nbs/60_interpret.ipynb #92506a84
+# %% ../nbs/60_interpret.ipynb #841387f1
 @patch
 def _inputs(self:UncertaintyInterpretation, idxs:list) -> tuple:
     "Inputs of items `idxs`: from the result when it kept them as tensors, else read again from `dl` (no model runs)"
@@ -278,38 +283,60 @@ def plot_top_uncertain(self:UncertaintyInterpretation,
     k:int=9, # Number of items
     score:str='entropy', # Uncertainty score to rank by
     largest:bool=True, # Most uncertain first; False: the most certain
+    se:bool=False, # Show each score ± its Monte Carlo standard error
     **kwargs # Passed to the display for the data type (`nrows`, `ncols`, `figsize` for images, `trunc_at` for texts)
 ):
     "Show the `k` most (or least) uncertain items with fastai's per-type display: an image grid, a table of texts or rows"
-    table = self.top_uncertain(k, score, largest)
+    table = self.top_uncertain(k, score, largest, se=se)
     idxs,res = list(table.index),self.res
     b = self._inputs(idxs) + (tuplify(res.targs[idxs]) if res.targs is not None else ())
     x,y,samples = self.dl._pre_show_batch(b, max_n=len(idxs))
     return plot_top_uncertain(x, y, samples, table, **kwargs)
 
-# %% ../nbs/60_interpret.ipynb #12d0f8d2
+# %% ../nbs/60_interpret.ipynb #41c6e1d6
+def referral_band(
+    res:MCPredictions, # A labelled classification result with standard errors
+    score:str='entropy', # Uncertainty score, a name `res.score` takes
+    draws:int=200, # Redraws of the scores
+    q:float=0.05, # The band runs from quantile `q` to `1-q` of the redrawn curves
+    seed:int=0, # Seed of the redraws (a generator of its own: the global random state is not touched)
+) -> dict:
+    "Referral curves with every item's score redrawn within its Monte Carlo SE: band `lo`/`hi` per fraction, AURC's sd"
+    s,se,correct = res.score(score).double(),res.se(score).double().nan_to_num(0.),res.correct()
+    g = torch.Generator().manual_seed(seed)
+    noisy = s + se * torch.randn(draws, len(s), generator=g, dtype=torch.float64)
+    accs = torch.stack([referral_curve(o, correct).acc for o in noisy])
+    return dict(frac=referral_curve(s, correct).frac, lo=accs.quantile(q, 0), hi=accs.quantile(1-q, 0),
+                aurc_sd=(1 - accs).mean(1).std())
+
 @patch
 def plot_referral(self:UncertaintyInterpretation,
     score:str|list|None=None, # Score name(s); None: those of entropy, mutual_info and max_prob the result has
     ax=None, # Axes to draw on; None: a new figure
+    se:bool|None=None, # Bands of the Monte Carlo error (see `referral_band`); None: where the result has SEs
     **kwargs # Passed to `plt.subplots`, e.g. `figsize`
 ):
-    "Accuracy on the retained items vs fraction referred, for each `score`, with the random and oracle curves and AURCs"
+    "Accuracy on the retained items vs fraction referred, for each `score`, with MC-error bands, random and oracle curves, AURCs"
     res = self.res
     _need_clf(res, 'plot_referral')
     if score is None: score = [s for s in ('entropy','mutual_info','max_prob') if s in scores_for(res.kind)]
     scores = [score] if isinstance(score, str) else list(score)
     curves = [(s, res.referral_curve(s), res.aurc(s)) for s in scores]  # bad names raise before any drawing
+    if se is None: se = res.ses is not None or res.samples is not None
+    bands = [referral_band(res, s) for s in scores] if se else [None]*len(scores)
     correct = res.correct()
     if ax is None: _,ax = plt.subplots(**{'figsize':(6.5,4.5), **kwargs})
-    for s,rc,a in curves: ax.plot(rc.frac.numpy(), rc.acc.numpy(), label=f"{s} (AURC {a:.3f})")
+    for (s,rc,a),b in zip(curves, bands):
+        err = '' if b is None else f" ± {b['aurc_sd']:.3f}"
+        line, = ax.plot(rc.frac.numpy(), rc.acc.numpy(), label=f"{s} (AURC {a:.3f}{err})")
+        if b is not None: ax.fill_between(b['frac'].numpy(), b['lo'].numpy(), b['hi'].numpy(), color=line.get_color(), alpha=0.2, lw=0)
     orc = referral_curve(1-correct, correct)
     ax.plot(orc.frac.numpy(), orc.acc.numpy(), 'k--', label=f"oracle (AURC {aurc(1-correct, correct):.3f})")
     acc = correct.mean().item()
     ax.plot([0,1], [acc,acc], ':', color='gray', label=f"random (AURC {1-acc:.3f})")
     ax.set_xlim(0, 1)
     ax.set_xlabel('fraction referred (most uncertain first)'); ax.set_ylabel('accuracy on the retained items')
-    ax.set_title(f"Referral curve ({len(res)} items, {res.label})")
+    ax.set_title(f"Referral curve ({len(res)} items, {res.label})" + ("\nbands: 90% of curves with the scores redrawn within their MC error" if se else ''))
     ax.legend(loc='lower right')
     return ax
 
@@ -367,7 +394,7 @@ def plot_reliability(self:UncertaintyInterpretation,
     fig.tight_layout()
     return axs[0] if k > 1 else axs[0,0]
 
-# %% ../nbs/60_interpret.ipynb #ff06915b
+# %% ../nbs/60_interpret.ipynb #e79d3a2d
 @patch
 def plot_ood(self:UncertaintyInterpretation,
     ood:DataLoader|MCPredictions, # OOD data, or its result of `mc_predict`
@@ -377,8 +404,9 @@ def plot_ood(self:UncertaintyInterpretation,
     **kwargs # Passed to `plt.subplots`, e.g. `figsize`
 ):
     "Histograms of `score` on the interpretation's items and on `ood`, with the OOD AUROC in the title"
-    if not isinstance(ood, MCPredictions):
-        ood = self.predictor.mc_predict(ood, **{**self.predict_kwargs, 'n': self.res.n_per_member})
+    if not isinstance(ood, MCPredictions):   # the same passes per member, or the same n='auto' rule
+        n = dict(n='auto', **self.res.auto.kwargs) if self.res.auto is not None else dict(n=self.res.n_per_member)
+        ood = self.predictor.mc_predict(ood, **{**self.predict_kwargs, **n})
     self.ood = ood
     si,so = self.res.score(score).float(),ood.score(score).float()
     auroc,fpr = ood_auroc(si, so),fpr_at_95_tpr(si, so)

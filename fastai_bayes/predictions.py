@@ -16,7 +16,7 @@ from .callback.mc import *
 # %% auto #0
 __all__ = ['SCORES', 'Score', 'scores_for', 'MCPredictions', 'sampled_predictions']
 
-# %% ../nbs/45_predictions.ipynb #d173734c
+# %% ../nbs/45_predictions.ipynb #5d71d685
 class Score(NamedTuple):
     "An uncertainty score of `MCPredictions`: higher means less sure"
     name:str; label:str; short:str; kinds:tuple; doc:str
@@ -53,9 +53,13 @@ class MCPredictions:
         vocab:list|None=None, # Class names
         method:str='MC dropout', # What made the predictions: 'MC dropout', 'deep ensemble', 'Laplace', ...
         n_per_member:int|None=None, # Predictions per member of an ensemble; None: all `n` from one predictor
+        n_used:Tensor|None=None, # Passes per item (n='auto'); None: `n` for every item
+        ses:dict|None=None, # Standard errors per item: 'mean' (N×C) and one per score (N); None: from `samples` if kept
+        auto:AutoN|None=None, # The rule that chose the passes per item, for n='auto'
     ):
         store_attr()
         self.n_per_member = ifnone(n_per_member, n)
+        if n_used is None: self.n_used = torch.full((len(mean),), n, dtype=torch.long)
 
     @property
     def probs(self): return None if self.kind=='identity' else self.mean
@@ -63,29 +67,42 @@ class MCPredictions:
     def label(self) -> str:
         "What made these predictions, for titles and legends, e.g. 'deep ensemble (5 members × 4 passes)'"
         k = self.n // self.n_per_member
+        if self.auto is not None: return f"{self.method} (n='auto', {self.n_used.float().mean():.1f} passes per item)"
         return f"{self.method} ({self.n} passes)" if k == 1 else (
             f"{self.method} ({k} members" + (f" × {self.n_per_member} passes)" if self.n_per_member > 1 else ")"))
     def __len__(self): return len(self.mean)
     def __repr__(self): return f"MCPredictions(kind={self.kind!r}, n={self.n}, items={len(self)}, method={self.method!r})"
 
-    def score(self, name:str='entropy') -> Tensor:
-        "Per-item uncertainty `name` (higher = less sure), summed over labels for multi-label results"
+    def _check_score(self, name:str):
         if name not in SCORES: raise ValueError(f"Unknown score {name!r}; choose from {list(SCORES)}")
         if self.kind == 'identity' and name != 'std':
             raise ValueError(f"A regression result has only the 'std' score, not {name!r}")
         if self.kind not in SCORES[name].kinds:
             raise ValueError(f"{name!r} needs single-label (softmax) results; these are {self.kind!r}: choose from "
                              f"{scores_for(self.kind)}")
-        if name=='max_prob': return 1 - max_prob(self.mean)
-        if name=='margin': return 1 - margin(self.mean)
-        s = getattr(self, name)
-        if name=='std' or self.kind=='sigmoid': s = s.reshape(len(s), -1)
-        return s.mean(1) if name=='std' else s.sum(1) if s.ndim > 1 else s
 
-# %% ../nbs/45_predictions.ipynb #6efa70e1
+    def score(self, name:str='entropy') -> Tensor:
+        "Per-item uncertainty `name` (higher = less sure), summed over labels for multi-label results"
+        self._check_score(name)
+        return item_score(self.__dict__, name, self.kind)
+
+    def se(self, name:str='entropy') -> Tensor:
+        "Monte Carlo standard error per item of `score(name)`; of the mean per output for 'mean' (or 'probs')"
+        key = 'mean' if name in ('mean','probs') else name
+        if key != 'mean': self._check_score(name)
+        if self.ses is None:
+            if self.samples is None:
+                raise ValueError("This result has no standard errors: `mc_predict` (any sampler) keeps them; for a result "
+                                 "built by hand pass `ses=`, or `samples=` to compute them from the passes")
+            self.ses = {k[3:]: v for k,v in MCStats(self.kind).update(self.samples).result().items() if k.startswith('se_')}
+        return self.ses[key]
+
+# %% ../nbs/45_predictions.ipynb #e076498a
 @patch
-def to_df(self:MCPredictions) -> pd.DataFrame:
-    "One row per item: target, prediction, probability, every uncertainty score"
+def to_df(self:MCPredictions,
+    se:bool=False, # Add the Monte Carlo standard error of every score (columns `{name}_se`)
+) -> pd.DataFrame:
+    "One row per item: target, prediction, probability, every uncertainty score (and their standard errors)"
     def names(t):
         if t is None: return None
         t = t.flatten() if t.ndim > 1 and t.shape[1] == 1 and self.kind!='sigmoid' else t
@@ -96,28 +113,48 @@ def to_df(self:MCPredictions) -> pd.DataFrame:
     d = {}
     if self.targs is not None: d['target'] = names(self.targs)
     if self.kind=='identity':
-        for i in range(self.mean.reshape(len(self), -1).shape[1]):
+        N,mu = len(self),self.mean.reshape(len(self), -1)
+        for i in range(mu.shape[1]):
             sfx = '' if self.mean[0].numel()==1 else f'_{i}'
-            d['mean'+sfx],d['std'+sfx] = self.mean.reshape(len(self),-1)[:,i].numpy(),self.std.reshape(len(self),-1)[:,i].numpy()
-        return pd.DataFrame(d)
-    if self.decoded is not None: d['pred'] = names(self.decoded)
-    if self.kind=='softmax':
-        d['prob'] = max_prob(self.mean).numpy()
-        for k in ('entropy','expected_entropy','mutual_info','variation_ratio'): d[k] = getattr(self, k).numpy()
-        d['margin'] = margin(self.mean).numpy()
-        if self.mean.shape[1] <= 20:
-            for c in range(self.mean.shape[1]):
-                d[f'p_{self.vocab[c] if self.vocab is not None else c}'] = self.mean[:,c].numpy()
+            d['mean'+sfx],d['std'+sfx] = mu[:,i].numpy(),self.std.reshape(N,-1)[:,i].numpy()
+            if se: d['mean_se'+sfx] = self.se('mean').reshape(N, -1)[:,i].numpy()
+        if se: d['std_se'] = self.se('std').numpy()
     else:
-        for k in ('entropy','expected_entropy','mutual_info','variation_ratio'): d[k] = self.score(k).numpy()
+        if self.decoded is not None: d['pred'] = names(self.decoded)
+        clf = ('entropy','expected_entropy','mutual_info','variation_ratio')
+        if self.kind=='softmax':
+            d['prob'] = max_prob(self.mean).numpy()
+            for k in clf: d[k] = getattr(self, k).numpy()
+            d['margin'] = margin(self.mean).numpy()
+            if self.mean.shape[1] <= 20:
+                for c in range(self.mean.shape[1]):
+                    d[f'p_{self.vocab[c] if self.vocab is not None else c}'] = self.mean[:,c].numpy()
+            if se:
+                d['prob_se'] = self.se('max_prob').numpy()
+                for k in clf: d[f'{k}_se'] = self.se(k).numpy()
+                d['margin_se'] = self.se('margin').numpy()
+        else:
+            for k in clf: d[k] = self.score(k).numpy()
+            if se:
+                for k in clf: d[f'{k}_se'] = self.se(k).numpy()
+    if self.auto is not None: d['n_used'] = self.n_used.numpy()
     return pd.DataFrame(d)
 
-# %% ../nbs/45_predictions.ipynb #e27acd6a
+# %% ../nbs/45_predictions.ipynb #2c8483f3
 def _vocab(dls):
     try: v = dls.vocab
     except Exception: return None
     if v is not None and len(v) and is_listy(v[0]): v = v[-1]  # text classifiers: (token vocab, classes)
     return list(v) if v is not None else None
+
+def _join(k:str, vs:list, cat:int) -> Tensor:
+    "Join the per-batch statistics `k`: along the items, or along a language model's sequence (`cat`=1)"
+    if k=='samples': return torch.cat(vs, dim=cat+1)
+    if cat==0 or vs[0].ndim > 1: return torch.cat(vs, dim=cat)
+    # a language model's streams continue from batch to batch: one number per stream for all its batches
+    if k=='n_used': return vs[0]
+    v = torch.stack(vs).pow(2).sum(0).sqrt()         # a sum over independent batches: the squares add
+    return v/len(vs) if k=='se_std' else v           # std is a mean over the outputs of all batches
 
 def sampled_predictions(
     learn:Learner, # Learner whose data handling and prediction loop run
@@ -133,6 +170,9 @@ def sampled_predictions(
 ) -> MCPredictions:
     "One pass of `learn.get_preds` over `dl`, each batch's forward done by the sampler: per-item statistics, in dataset order"
     smp = sampler_fn()   # bad arguments raise here, before anything runs; the one validation below uses it
+    if with_samples and smp.auto is not None:
+        raise ValueError("with_samples keeps the same passes for every item, and n='auto' gives items different numbers: "
+                         "pass a fixed n with with_samples=True (or read `res.se(score)` instead of the samples)")
     cb = SamplingCallback(lambda: smp, seed=seed, gather=True, keep_samples=with_samples)
     if dl is None: dl = learn.dls[ds_idx].new(shuffle=False, drop_last=False)
     else:
@@ -151,7 +191,7 @@ def sampled_predictions(
     inputs = out.pop(0) if with_input else None
     _,targs = out[:2]
     losses = out[2] if with_loss else None
-    st = {k: torch.cat([b[k] for b in cb.gathered], dim=cat+1 if k=='samples' else cat) for k in cb.gathered[0]}
+    st = {k: _join(k, [b[k] for b in cb.gathered], cat) for k in cb.gathered[0]}
     if idxs is not None:
         o = tensor(idxs).argsort()
         st = {k: v[:,o] if k=='samples' else v[o] for k,v in st.items()}
@@ -159,18 +199,31 @@ def sampled_predictions(
     decoded = getcallable(learn.loss_func, 'decodes')(st['mean']) if with_decoded else None
     if smp.kind.name == 'softmax' and isinstance(targs, Tensor) and targs.ndim == 2 and targs.shape[1] == 1:
         targs = targs.flatten().long()   # tabular class targets come as N×1 small ints: one class index per item
-    return MCPredictions(smp.kind.name, smp.n, targs=targs, decoded=decoded, inputs=inputs, losses=losses,
-                         vocab=_vocab(learn.dls), method=smp.method, n_per_member=smp.n_per_member, **st)
+    n_used,ses = st.pop('n_used'),{k[3:]: st.pop(k) for k in list(st) if k.startswith('se_')}
+    n = int(n_used.max()) if smp.auto is not None else smp.n
+    return MCPredictions(smp.kind.name, n, targs=targs, decoded=decoded, inputs=inputs, losses=losses,
+                         vocab=_vocab(learn.dls), method=smp.method, n_per_member=smp.n_per_member if smp.auto is None else n,
+                         n_used=n_used, ses=ses, auto=smp.auto, **st)
 
 @patch
 @delegates(sampled_predictions, but=['learn', 'sampler_fn'])
 def mc_predict(self:Learner,
     dl:DataLoader|None=None, # `DataLoader` to predict on; default `self.dls[ds_idx]`
-    n:int=20, # Number of stochastic passes
+    n:int|str=20, # Number of stochastic passes; 'auto': per item, until its `score` is settled (see `AutoN`)
     max_bs:int|None=None, # Largest tiled batch per forward; None: chosen from a memory budget
     kind:str|None=None, # 'softmax', 'sigmoid' or 'identity'; None: read off the loss function
+    score:str|None=None, # n='auto': the score that must be settled; None: 'mutual_info'
+    tol:float|None=None, # n='auto': an item is settled once its score's standard error is at most this; None: 0.01
+    threshold:float|None=None, # n='auto': referral threshold; an item is also settled 3 (t-quantile) standard errors away from it
+    max_n:int|None=None, # n='auto': most passes per item; None: 200
+    min_n:int|None=None, # n='auto': passes every item gets first; None: 10
     **kwargs
 ) -> MCPredictions:
-    "Monte Carlo dropout predictions on `dl`: `n` stochastic passes per item, one DataLoader pass"
+    "Monte Carlo dropout predictions on `dl`: `n` stochastic passes per item (or as many as each needs), one DataLoader pass"
+    opts = {k: v for k,v in dict(score=score, tol=tol, threshold=threshold, max_n=max_n, min_n=min_n).items() if v is not None}
+    if opts and not (isinstance(n, str) and n == 'auto'):
+        raise ValueError(f"{', '.join(opts)} say when n='auto' stops adding passes: pass n='auto' with them, "
+                         f"or leave them out with a fixed n (here n={n!r})")
+    auto = AutoN(**opts) if isinstance(n, str) and n == 'auto' else None   # bad settings raise here, before anything runs
     kind = output_kind(self.loss_func, kind, getattr(self, 'calibration', None))   # with the fitted calibration, if any
-    return sampled_predictions(self, partial(MCSampler, self.model, n, kind, max_bs), dl, **kwargs)
+    return sampled_predictions(self, partial(MCSampler, self.model, n, kind, max_bs, auto), dl, **kwargs)

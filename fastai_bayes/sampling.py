@@ -11,7 +11,8 @@ from .dropout import *
 from .uncertainty import *
 
 # %% auto #0
-__all__ = ['register_stages', 'model_stages', 'TabularInput', 'TabularJoin', 'MCPlan', 'check_n', 'Sampler', 'MCSampler']
+__all__ = ['AUTO_N_MSG', 'register_stages', 'model_stages', 'TabularInput', 'TabularJoin', 'MCPlan', 'check_n', 'Sampler',
+           'MCSampler', 'AutoN']
 
 # %% ../nbs/30_sampling.ipynb #8bb857e8
 _stage_fns = {}
@@ -86,7 +87,7 @@ class MCPlan:
         return (f"MCPlan(prefix={names[:self.split]}, suffix={names[self.split:]}, "
                 f"{'tiled' if self.tileable else 'one forward per pass (state between forwards)' if self.state else 'one forward per pass (shared masks)'})")
 
-# %% ../nbs/30_sampling.ipynb #9864aaca
+# %% ../nbs/30_sampling.ipynb #9096c355
 def _tile(x, t):
     if isinstance(x, Tensor): return x.repeat_interleave(t, dim=0)
     if isinstance(x, (tuple,list)): return type(x)(_tile(o, t) for o in x)
@@ -97,22 +98,36 @@ def _clone(x):
     if isinstance(x, (tuple,list)): return type(x)(_clone(o) for o in x)
     return x
 
+def _rows(x, idx):
+    "Rows `idx` of every tensor in `x` (batch first, as `_tile` assumes)"
+    if isinstance(x, Tensor): return x[idx]
+    if isinstance(x, (tuple,list)): return type(x)(_rows(o, idx) for o in x)
+    return x
+
 def _untile(x, bs, t):
     "Rows of replicate 0 of a tiled output"
     if isinstance(x, Tensor) and x.shape[:1] == (bs*t,): return x.view(bs, t, *x.shape[1:])[:,0]
     if isinstance(x, (tuple,list)): return type(x)(_untile(o, bs, t) for o in x)
     return x
 
-# %% ../nbs/30_sampling.ipynb #dad0c5b2
-def check_n(n) -> int:
-    "`n` if it is a valid number of stochastic passes, else a clear error"
+# %% ../nbs/30_sampling.ipynb #0b91dc7e
+AUTO_N_MSG = ("n='auto' (passes added to each item until its score is settled) needs a sampler that can add passes item "
+              "by item: `learn.mc_predict(dl, n='auto', tol=...)` with MC dropout or variational layers. This one draws a "
+              "fixed number: pass an int n, and read `res.se(score)` to see whether it was enough")
+
+def check_n(n, auto:bool=False) -> int|str:
+    "`n` if it is a valid number of stochastic passes (or 'auto' where `auto`), else a clear error"
+    if isinstance(n, str) and n == 'auto':
+        if auto: return n
+        raise ValueError(AUTO_N_MSG)
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"n is the number of stochastic passes and must be an int >= 1, got {n!r}")
+        raise ValueError(f"n is the number of stochastic passes and must be an int >= 1 (or 'auto' in `mc_predict`), got {n!r}")
     return n
 
 class Sampler:
     "The sampler contract: one batch in, `n` predictions per item out, fed to an `MCStats`"
     method = 'sampler'   # what made the predictions, as results and plots name it
+    auto = None          # an `AutoN` where the sampler adds passes per item (n='auto')
     def __init__(self,
         kind:str|OutputKind, # How raw outputs become probabilities
         n:int, # Predictions per item
@@ -121,6 +136,11 @@ class Sampler:
         self.kind = kind if isinstance(kind, OutputKind) else OutputKind(kind)
         self.n,self.n_per_member = check_n(n),check_n(ifnone(n_per_member, n))
 
+    def new_stats(self, keep_samples:bool=False) -> MCStats:
+        "The `MCStats` of one batch: an ensemble's members are the groups of its standard errors (they are not i.i.d. passes)"
+        if self.n_per_member < self.n: return MCStats(self.kind, keep_samples, groups=self.n//self.n_per_member, group_size=self.n_per_member)
+        return MCStats(self.kind, keep_samples)
+
     def sample(self, xb:tuple, stats:MCStats):
         "Feed `self.n` predictions for every item of batch `xb` into `stats`; return one raw model output for the batch"
         raise NotImplementedError
@@ -128,20 +148,29 @@ class Sampler:
     def check(self):
         "After the last batch: raise if the draws cannot be trusted (nothing to check by default)"
 
-# %% ../nbs/30_sampling.ipynb #65ffa299
+# %% ../nbs/30_sampling.ipynb #febb1d3d
 def _row_bytes(args): return sum(o[0].numel()*o.element_size() for o in tensors_in(args) if o.ndim)
 
 class MCSampler(Sampler):
-    "Runs `n` stochastic passes of `model` per batch and feeds their activated outputs to an `MCStats`"
+    "Runs `n` stochastic passes of `model` per batch (n='auto': per item, until `auto` says its score is settled) into an `MCStats`"
+    adaptive = True
     def __init__(self,
         model:nn.Module, # Model with active dropout
-        n:int=20, # Number of stochastic passes
+        n:int|str=20, # Number of stochastic passes; 'auto': as many per item as `auto` asks
         kind:str|OutputKind='softmax', # How outputs become probabilities
         max_bs:int|None=None, # Largest tiled batch per forward; None: chosen from a memory budget
+        auto:AutoN|None=None, # With n='auto': when an item has had enough passes; None: `AutoN()`
     ):
-        super().__init__(kind, n)
+        if check_n(n, auto=True) != 'auto' and auto is not None:
+            raise ValueError("`auto` says when n='auto' stops adding passes: pass n='auto' with it, or a fixed n without it")
+        self.auto = ifnone(auto, AutoN()) if n == 'auto' else None
+        super().__init__(kind, self.auto.max_n if self.auto else n)
         if max_bs is not None and max_bs < 1: raise ValueError(f"max_bs must be >= 1 or None, got {max_bs!r}")
         self.model,self.max_bs,self.plan = model,max_bs,MCPlan(model)
+        if self.auto:
+            self.auto.check(self.kind)
+            if self.plan.state: raise ValueError("n='auto' adds passes to some items of a batch only, and this model carries "
+                "state between forwards that all its rows share (a language model): pass a fixed n")
         self.method = ' + '.join(dict.fromkeys(o.method for o in self.plan.mods))   # 'MC dropout', 'variational', ...
         self._budget_t,self.sampled,self.varied = None,False,False
 
@@ -159,33 +188,47 @@ class MCSampler(Sampler):
         o,r = first_output(out).detach().float().reshape(bs, t, -1),first_output(first).detach().float().reshape(bs, 1, -1)
         self.varied = bool(((o - r).abs() > 1e-6*(r.abs() + r.abs().amax())).any())
 
+    def _passes(self, args, bs:int, n:int, stats:MCStats, idx=None, s0=None):
+        "`n` passes on the `bs` rows `args` (the batch's rows `idx`, or all), fed to `stats`: the first pass's raw output, the state after it"
+        done,first,s1,state = 0,None,None,self.plan.state
+        while done < n:
+            if not self.plan.tileable:
+                if done and state: state.load(s0)     # every pass starts from the state the batch found
+                out = self.plan.suffix(_clone(args))
+                if not done and state: s1 = state.save()
+                stats.update(self.kind.act(first_output(out))[None], idx)
+                done,first = done+1,ifnone(first, out)
+                if idx is None: self._note(out, first, bs, 1)
+                continue
+            t = min(self.chunk(args, bs), n - done)
+            try: out = self.plan.suffix(_tile(args, t))
+            except torch.cuda.OutOfMemoryError:
+                if t == 1: raise
+                self._budget_t = max(1, t // 2)
+                torch.cuda.empty_cache()
+                continue
+            p = self.kind.act(first_output(out))
+            stats.update(p.view(bs, t, *p.shape[1:]).transpose(0, 1), idx)
+            done,first = done+t,ifnone(first, _untile(out, bs, t))
+            if idx is None: self._note(out, first, bs, t)
+        return first,s1
+
+    def _more(self, args, stats:MCStats):
+        "n='auto': add `step` passes at a time to the items not settled, until none is left or they reach `max_n`"
+        a = self.auto
+        while len(todo := (~a.settled(stats)).nonzero().flatten()):
+            t = min(a.step, a.max_n - int(stats.count[todo].max()))   # the unsettled items have all had the same passes
+            self._passes(_rows(args, todo), len(todo), t, stats, todo)
+
     def sample(self, xb:tuple, stats:MCStats):
-        "Feed `self.n` passes on batch `xb` into `stats`; return the first pass's raw output"
-        bs,done,first,state = find_bs(xb),0,None,self.plan.state
+        "Feed `self.n` passes on batch `xb` into `stats` (n='auto': `auto.min_n`, then more where needed); return the first pass's raw output"
+        bs,state = find_bs(xb),self.plan.state
         s0 = state.save() if state else None
         with mc_dropout(self.model, self.plan.mods):
             try:
                 args = self.plan.prefix(xb)
-                while done < self.n:
-                    if not self.plan.tileable:
-                        if done and state: state.load(s0)     # every pass starts from the state the batch found
-                        out = self.plan.suffix(_clone(args))
-                        if not done and state: s1 = state.save()
-                        stats.update(self.kind.act(first_output(out))[None])
-                        done,first = done+1,ifnone(first, out)
-                        self._note(out, first, bs, 1)
-                        continue
-                    t = min(self.chunk(args, bs), self.n - done)
-                    try: out = self.plan.suffix(_tile(args, t))
-                    except torch.cuda.OutOfMemoryError:
-                        if t == 1: raise
-                        self._budget_t = max(1, t // 2)
-                        torch.cuda.empty_cache()
-                        continue
-                    p = self.kind.act(first_output(out))
-                    stats.update(p.view(bs, t, *p.shape[1:]).transpose(0, 1))
-                    done,first = done+t,ifnone(first, _untile(out, bs, t))
-                    self._note(out, first, bs, t)
+                first,s1 = self._passes(args, bs, self.auto.min_n if self.auto else self.n, stats, s0=s0)
+                if self.auto: self._more(args, stats)
             except BaseException:
                 if state: state.load(s0)
                 raise
@@ -196,3 +239,58 @@ class MCSampler(Sampler):
     def check(self):
         "After the last batch: raise if no pass ever differed from its batch's first (randomness that never reached the output)"
         if self.sampled and self.n > 1 and not self.varied: raise ValueError(identical_passes_msg(self.plan.mods, self.n))
+
+# %% ../nbs/30_sampling.ipynb #0ea81f96
+class AutoN:
+    "When `n='auto'` stops adding passes to an item: its score's standard error is at most `tol`, or its referral is settled"
+    def __init__(self,
+        score:str='mutual_info', # The score that must be settled (see `SCORE_NAMES`)
+        tol:float=0.01, # Stop once the Monte Carlo standard error of the item's score is at most this
+        threshold:float|None=None, # Referral threshold on the score: also stop once the score is `z` SEs away from it
+        max_n:int=200, # Most passes for any item
+        min_n:int=10, # Passes every item gets before the first check (>= 2: an SE needs two)
+        step:int|None=None, # Passes added per round to the items not settled; None: `min_n`
+        z:float=3., # With `threshold`: how many standard errors from it count as settled
+    ):
+        _int = lambda o: isinstance(o, int) and not isinstance(o, bool)
+        if not _int(min_n) or min_n < 2: raise ValueError(f"min_n must be an int >= 2 (a standard error needs two passes), got {min_n!r}")
+        if not _int(max_n) or max_n < min_n: raise ValueError(f"max_n must be an int >= min_n ({min_n}), got {max_n!r}")
+        step = ifnone(step, min_n)
+        if not _int(step) or step < 1: raise ValueError(f"step must be an int >= 1 or None, got {step!r}")
+        if not isinstance(tol, (int,float)) or isinstance(tol, bool) or not tol > 0:
+            raise ValueError(f"tol is the standard error at which an item's score counts as settled and must be > 0, got {tol!r}")
+        if threshold is not None and not isinstance(threshold, (int,float)):
+            raise ValueError(f"threshold must be a number (the score above which items are referred) or None, got {threshold!r}")
+        if not isinstance(z, (int,float)) or not z > 0: raise ValueError(f"z must be > 0, got {z!r}")
+        if not isinstance(score, str): raise ValueError(f"score must be a score's name such as 'mutual_info', got {score!r}")
+        store_attr()
+
+    def check(self, kind:OutputKind):
+        "Raise unless results of `kind` have the score"
+        names = SCORE_NAMES[kind.name]
+        if self.score not in names:
+            raise ValueError(f"n='auto' settles score={self.score!r}, which {kind.name!r} results do not have: choose from {list(names)}")
+
+    def z_for(self, dof:Tensor) -> Tensor:
+        "`z` as a Student-t quantile with `dof` degrees of freedom: the same one-sided error rate with an estimated SE"
+        import scipy.stats
+        return torch.as_tensor(scipy.stats.t.ppf(scipy.stats.norm.cdf(self.z), dof.clamp_min(1).cpu().numpy()),
+                               dtype=torch.float32, device=dof.device)
+
+    def settled(self, stats:MCStats) -> Tensor:
+        "Per item of `stats`: True when it needs no more passes"
+        se = stats.se(self.score)
+        done = se <= self.tol
+        if self.threshold is not None:
+            z = self.z_for((stats.g_count > 0).sum(1) - 1)
+            done |= (stats.score(self.score) - self.threshold).abs() >= z*se
+        return done | (stats.count >= self.max_n)
+
+    @property
+    def kwargs(self) -> dict:
+        "The arguments that make this rule again: `learn.mc_predict(dl, n='auto', **auto.kwargs)`, less `step` and `z`"
+        return dict(score=self.score, tol=self.tol, threshold=self.threshold, max_n=self.max_n, min_n=self.min_n)
+
+    def __repr__(self):
+        thr = '' if self.threshold is None else f", threshold={self.threshold:g}, z={self.z:g}"
+        return f"AutoN(score={self.score!r}, tol={self.tol:g}{thr}, n={self.min_n}..{self.max_n} by {self.step})"

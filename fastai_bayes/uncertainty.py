@@ -7,9 +7,9 @@ from __future__ import annotations
 from fastai.basics import *
 
 # %% auto #0
-__all__ = ['PROB_FLOOR', 'entropy', 'bernoulli_entropy', 'predictive_entropy', 'expected_entropy', 'mutual_information',
-           'variation_ratio', 'sample_std', 'max_prob', 'margin', 'OutputKind', 'output_kind', 'regression_variance',
-           'MCStats']
+__all__ = ['PROB_FLOOR', 'SCORE_NAMES', 'entropy', 'bernoulli_entropy', 'predictive_entropy', 'expected_entropy',
+           'mutual_information', 'variation_ratio', 'sample_std', 'max_prob', 'margin', 'OutputKind', 'output_kind',
+           'regression_variance', 'item_score', 'MCStats', 'delta_se']
 
 # %% ../nbs/20_uncertainty.ipynb #ca4c5404
 PROB_FLOOR = torch.finfo(torch.float32).tiny
@@ -71,7 +71,7 @@ def margin(probs) -> Tensor:
     top = _f32(probs).topk(2, dim=-1)[0]
     return top[...,0] - top[...,1]
 
-# %% ../nbs/20_uncertainty.ipynb #056a6185
+# %% ../nbs/20_uncertainty.ipynb #59f77104
 class OutputKind:
     "How raw outputs become probabilities (`act`) and back to the loss's input (`inv`), and what their uncertainty is"
     def __init__(self,
@@ -106,11 +106,15 @@ class OutputKind:
         if self.name=='sigmoid': return bernoulli_entropy(p)
         raise ValueError("A regression output ('identity') has no entropy: its uncertainty is the spread of the passes")
 
+    def pass_votes(self, samples:Tensor) -> Tensor:
+        "The vote of each pass, same shape as `samples`: one-hot of its top class (softmax), p > 0.5 per label (sigmoid)"
+        samples = _f32(samples)
+        if self.name=='sigmoid': return (samples > 0.5).float()
+        return F.one_hot(samples.argmax(-1), samples.shape[-1]).float()
+
     def votes(self, samples:Tensor) -> Tensor:
         "Votes of the passes (dim 0) summed: per class for the passes' top class (softmax), per label for p > 0.5 (sigmoid)"
-        samples = _f32(samples)
-        if self.name=='sigmoid': return (samples > 0.5).float().sum(0)
-        return F.one_hot(samples.argmax(-1), samples.shape[-1]).sum(0).float()
+        return self.pass_votes(samples).sum(0)
 
     def variation_ratio(self, votes:Tensor, n:int) -> Tensor:
         "1 − the share of `n` votes that went to the modal class (per label for sigmoid: the majority answer)"
@@ -167,36 +171,95 @@ def regression_variance(
     alea = torch.zeros_like(epi) if var_samples is None else _f32(var_samples).mean(0)
     return dict(total=epi + alea, epistemic=epi, aleatoric=alea)
 
-# %% ../nbs/20_uncertainty.ipynb #f798dd22
+# %% ../nbs/20_uncertainty.ipynb #d019d0b7
+SCORE_NAMES = dict(softmax=('entropy','expected_entropy','mutual_info','variation_ratio','max_prob','margin','std'),
+                   sigmoid=('entropy','expected_entropy','mutual_info','variation_ratio','std'), identity=('std',))
+
+def item_score(
+    r:dict, # Per-item statistics: `MCStats.result()`, or the fields of an `MCPredictions`
+    name:str, # A name in `SCORE_NAMES[kind]`
+    kind:str|OutputKind, # 'softmax', 'sigmoid' or 'identity'
+) -> Tensor:
+    "Per-item score `name` (higher = less sure): summed over labels for 'sigmoid', `std` averaged over outputs"
+    if name=='max_prob': return 1 - max_prob(r['mean'])
+    if name=='margin': return 1 - margin(r['mean'])
+    s = r[name]
+    if name=='std' or kind=='sigmoid': s = s.reshape(len(s), -1)
+    return s.mean(1) if name=='std' else s.sum(1) if s.ndim > 1 else s
+
+def _bview(x:Tensor, like:Tensor) -> Tensor:
+    "Per-item `x` (B,) viewed to broadcast against `like` (B×...)"
+    return x.view(-1, *[1]*(like.ndim-1))
+
+# %% ../nbs/20_uncertainty.ipynb #58a3bc82
 class MCStats:
-    "Running per-item statistics of stochastic passes fed in chunks of shape t×B×..."
+    "Running per-item statistics of stochastic passes fed in chunks of shape t×B×..., with their Monte Carlo standard errors"
     def __init__(self,
         kind:str|OutputKind, # 'softmax', 'sigmoid' or 'identity' (regression)
         keep_samples:bool=False, # Also keep every pass (T×B×...)
+        groups:int=32, # Groups of passes behind the standard errors: pass k of an item goes to group k mod `groups`
+        group_size:int|None=None, # Instead: consecutive blocks of `group_size` passes form a group (an ensemble's members)
     ):
+        if not isinstance(groups, int) or isinstance(groups, bool) or groups < 2:
+            raise ValueError(f"groups must be an int >= 2 (the standard errors need two groups of passes), got {groups!r}")
+        if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
+            raise ValueError(f"group_size must be an int >= 1 or None, got {group_size!r}")
         store_attr()
         self.kind = kind if isinstance(kind, OutputKind) else OutputKind(kind)
-        self.n,self.mean,self.m2,self.sum_ent,self.votes,self.samples = 0,None,None,None,None,[]
+        self.count,self.mean,self.m2,self.sum_ent,self.votes,self.samples = None,None,None,None,None,[]
         self.exact_mean,self.exact_std = None,None
 
-    def update(self, chunk:Tensor):
-        "Add a chunk of passes, t×B×..."
+    @property
+    def n(self) -> int:
+        "The most passes any item got"
+        return 0 if self.count is None else int(self.count.max())
+
+    @property
+    def clf(self) -> bool: return self.kind != 'identity'
+
+    def _init(self, chunk:Tensor):
+        B,G,z = chunk.shape[1],self.groups,partial(torch.zeros, device=chunk.device)
+        self.count = torch.zeros(B, dtype=torch.long, device=chunk.device)
+        self.mean,self.m2,self.shift = z(chunk.shape[1:]),z(chunk.shape[1:]),chunk[0].clone()
+        self.g_count,self.g_s1,self.g_s2 = z(B, G),z(B, G, *chunk.shape[2:]),z(B, G, *chunk.shape[2:])
+        if self.clf:
+            ent = self.kind.entropy(chunk[0])
+            self.sum_ent,self.votes = z(ent.shape),z(chunk.shape[1:])
+            self.g_h,self.g_v = z(B, G, *ent.shape[1:]),z(B, G, *chunk.shape[2:])
+
+    def update(self,
+        chunk:Tensor, # Passes t×b×...: for every item of the batch, or for the items `idx`
+        idx:Tensor|None=None, # Which items of the batch (b indices) the chunk is for; None: all
+    ):
+        "Add a chunk of passes, t×B×... (or t×b×... for the items `idx`)"
         chunk = chunk.float()
-        t = chunk.shape[0]
+        if self.count is None:
+            if idx is not None: raise ValueError("The first chunk must hold every item of the batch: pass idx=None")
+            self._init(chunk)
+        if idx is not None and self.keep_samples:
+            raise ValueError("keep_samples needs the same passes for every item: feed whole batches (idx=None)")
+        t,sel = chunk.shape[0],slice(None) if idx is None else idx
+        cnt = self.count[sel]
         cm = chunk.mean(0)
         cm2 = ((chunk - cm)**2).sum(0)
-        if self.n == 0: self.mean,self.m2 = cm,cm2
-        else:
-            n = self.n + t
-            delta = cm - self.mean
-            self.mean = self.mean + delta * (t/n)
-            self.m2 = self.m2 + cm2 + delta**2 * (self.n*t/n)
-        if self.kind != 'identity':
-            ent,votes = self.kind.entropy(chunk).sum(0),self.kind.votes(chunk)
-            self.sum_ent = ent if self.sum_ent is None else self.sum_ent + ent
-            self.votes = votes if self.votes is None else self.votes + votes
+        c = _bview(cnt, cm).float()
+        delta = cm - self.mean[sel]
+        self.mean[sel] = self.mean[sel] + delta * (t/(c+t))
+        self.m2[sel] = self.m2[sel] + cm2 + delta**2 * (c*t/(c+t))
+        k = cnt[None] + torch.arange(t, device=cnt.device)[:,None]   # t×b: each pass's number for its item
+        g = k % self.groups if self.group_size is None else (k // self.group_size).clamp_max(self.groups-1)
+        ix = ((torch.arange(len(self.count), device=cnt.device)[sel] * self.groups)[None] + g).flatten()   # (item, group)
+        add = lambda acc, v: acc.view(-1, *acc.shape[2:]).index_add_(0, ix, v.reshape(-1, *v.shape[2:]))
+        d = chunk - self.shift[sel]
+        add(self.g_count, torch.ones(g.shape, device=g.device))
+        add(self.g_s1, d); add(self.g_s2, d**2)
+        if self.clf:
+            ent,pv = self.kind.entropy(chunk),self.kind.pass_votes(chunk)
+            self.sum_ent[sel] = self.sum_ent[sel] + ent.sum(0)
+            self.votes[sel] = self.votes[sel] + pv.sum(0)
+            add(self.g_h, ent); add(self.g_v, pv)
         if self.keep_samples: self.samples.append(chunk)
-        self.n += t
+        self.count[sel] = cnt + t
         return self
 
     def exact(self,
@@ -207,13 +270,132 @@ class MCStats:
         self.exact_mean,self.exact_std = mean,std
         return self
 
-    def result(self) -> dict:
-        "Per-item statistics: mean, std, and for classification entropy, expected_entropy, mutual_info, variation_ratio"
+    def _n(self, like:Tensor) -> Tensor: return _bview(self.count, like).float()
+
+    def result(self,
+        se:bool=True, # Also the standard errors: `se_mean` and `se_{score}` for every score of the kind
+    ) -> dict:
+        "Per-item statistics: mean, std, n_used, for classification entropy, expected_entropy, mutual_info, variation_ratio"
         mean = ifnone(self.exact_mean, self.mean)
-        res = dict(mean=mean, std=ifnone(self.exact_std, (self.m2/self.n).sqrt()))
-        if self.kind != 'identity':
-            h,eh = self.kind.entropy(mean),self.sum_ent/self.n
+        res = dict(mean=mean, std=ifnone(self.exact_std, (self.m2/self._n(self.m2)).sqrt()))
+        if self.clf:
+            h,eh = self.kind.entropy(mean),self.sum_ent/self._n(self.sum_ent)
+            nv = _bview(self.count, self.votes[...,0] if self.kind=='softmax' else self.votes).float()
             res.update(entropy=h, expected_entropy=eh, mutual_info=(h-eh).clamp_min(0),
-                       variation_ratio=self.kind.variation_ratio(self.votes, self.n))
+                       variation_ratio=self.kind.variation_ratio(self.votes, nv))
         if self.keep_samples: res['samples'] = torch.cat(self.samples)
+        res['n_used'] = self.count.clone()
+        if se: res.update({f'se_{k}': self.se(k) for k in ('mean',) + SCORE_NAMES[self.kind.name]})
         return res
+
+    def score(self, name:str) -> Tensor:
+        "Per-item score `name`, as `MCPredictions.score` gives it"
+        self._check(name)
+        return item_score(self.result(se=False), name, self.kind)
+
+    def _check(self, name:str):
+        if name not in SCORE_NAMES[self.kind.name]:
+            raise ValueError(f"Results of kind {self.kind.name!r} have no score {name!r}; choose from {list(SCORE_NAMES[self.kind.name])}")
+        if self.count is None: raise ValueError("No passes yet: `update` first")
+
+# %% ../nbs/20_uncertainty.ipynb #5c3d9536
+@patch
+def _dev(self:MCStats, gs:Tensor, total:Tensor) -> Tensor:
+    "Group means minus the overall mean (B×G×...), from group sums `gs` and the overall mean `total`; 0 for empty groups"
+    gc = self.g_count.view(*self.g_count.shape, *[1]*(gs.ndim-2))
+    return torch.where(gc > 0, gs/gc.clamp_min(1) - total[:,None], 0.)
+
+@patch
+def _bm(self:MCStats, dev:Tensor) -> Tensor:
+    "Batch-means standard error of the mean of a linear per-pass statistic whose group-mean deviations are `dev` (B×G)"
+    k = (self.g_count > 0).sum(1)
+    var = (self.g_count * dev**2).sum(1) / (k-1).clamp_min(1)
+    return torch.where(k > 1, (var/self.count.float()).sqrt(), torch.nan)
+
+def _flat(x:Tensor) -> Tensor: return x.reshape(*x.shape[:2], -1).sum(-1)   # sum over all but items and groups
+
+@patch
+def _lin(self:MCStats, name:str) -> Tensor|None:
+    "Group-mean deviations (B×G) of the linearised score `name` (see the table above); None: no Monte Carlo error"
+    dp = lambda: self._dev(self.g_s1, self.mean - self.shift)   # of the probabilities
+    pick = lambda d, c: d.gather(-1, c[:,None].expand(*d.shape[:-1], 1))
+    sampled = self.exact_mean is None
+    if name in ('entropy','mutual_info'):
+        ent = None
+        if sampled:
+            lp = self.mean.clamp_min(PROB_FLOOR).log()
+            a = -lp if self.kind=='softmax' else (1-self.mean).clamp_min(PROB_FLOOR).log() - lp
+            ent = _flat(a[:,None] * dp())
+        if name=='entropy': return ent
+        eh = _flat(self._dev(self.g_h, self.sum_ent/self._n(self.sum_ent)))
+        return -eh if ent is None else ent - eh
+    if name=='expected_entropy': return _flat(self._dev(self.g_h, self.sum_ent/self._n(self.sum_ent)))
+    if name=='variation_ratio':
+        dv = self._dev(self.g_v, self.votes/self._n(self.votes))
+        if self.kind=='softmax': return -_flat(pick(dv, self.votes.argmax(-1, keepdim=True)))
+        sgn = torch.where(self.votes >= self._n(self.votes) - self.votes, 1., -1.)   # majority 'yes' per label
+        return -_flat(sgn[:,None] * dv)
+    if name in ('max_prob','margin'):
+        if not sampled: return None
+        top,d = self.mean.topk(2, dim=-1).indices,dp()
+        l = pick(d, top[...,:1])
+        return -_flat(l if name=='max_prob' else l - pick(d, top[...,1:]))
+    if name=='std':
+        if self.exact_std is not None: return None
+        gc = self.g_count.view(*self.g_count.shape, *[1]*(self.g_s1.ndim-2))
+        m = (self.mean - self.shift)[:,None]
+        q = (self.g_s2 - 2*m*self.g_s1)/gc.clamp_min(1) + m**2           # group means of (p - p̄)²
+        var = self.m2/self._n(self.m2)
+        s = var.sqrt()
+        dq = torch.where((gc > 0) & (s[:,None] > 0), (q - var[:,None]) / (2*s[:,None]).clamp_min(1e-30), 0.)
+        return _flat(dq) / s[0].numel()
+    raise ValueError(name)
+
+@patch
+def se(self:MCStats,
+    name:str, # A score of the kind (`SCORE_NAMES`), or 'mean' for the mean per output
+) -> Tensor:
+    "Monte Carlo standard error per item of score `name` (of `mean` per output for 'mean'); NaN with fewer than 2 passes"
+    if name=='mean':
+        if self.count is None: raise ValueError("No passes yet: `update` first")
+        if self.exact_mean is not None: return torch.zeros_like(self.exact_mean)
+        if self.group_size is not None:    # an ensemble: its members are the independent draws
+            d,k = self._dev(self.g_s1, self.mean - self.shift),(self.g_count > 0).sum(1)
+            gc = self.g_count.view(*self.g_count.shape, *[1]*(d.ndim-2))
+            var = (gc*d**2).sum(1) / _bview((k-1).clamp_min(1), d[:,0])
+            return torch.where(_bview(k, var) > 1, (var/self._n(var)).sqrt(), torch.nan)
+        n = self._n(self.m2)
+        return torch.where(n > 1, (self.m2/(n-1).clamp_min(1)/n).sqrt(), torch.nan)
+    self._check(name)
+    lin = self._lin(name)
+    if lin is None: return torch.where(self.count > 1, 0., torch.nan)
+    return self._bm(lin)
+
+# %% ../nbs/20_uncertainty.ipynb #02339de7
+def delta_se(
+    samples:Tensor, # Passes T×N×C (probabilities) or T×N×k (regression)
+    name:str, # A score of the kind, or 'mean'
+    kind:str|OutputKind='softmax',
+) -> Tensor:
+    "Reference: delta-method SE of score `name` from all samples (the sample variance of the linearised per-pass score)"
+    x,kind = _f32(samples),kind if isinstance(kind, OutputKind) else OutputKind(kind)
+    T,p = len(x),x.mean(0)
+    if name=='mean': return x.std(0)/math.sqrt(T)
+    flat = lambda o: o.reshape(T, x.shape[1], -1).sum(-1)
+    if name in ('entropy','mutual_info','expected_entropy'):
+        lp = p.clamp_min(PROB_FLOOR).log()
+        a = -lp if kind=='softmax' else (1-p).clamp_min(PROB_FLOOR).log() - lp
+        l = {'entropy': flat(a*x), 'expected_entropy': flat(kind.entropy(x)), 'mutual_info': flat(a*x) - flat(kind.entropy(x))}[name]
+    elif name=='variation_ratio':
+        v = kind.pass_votes(x)
+        if kind=='softmax': l = -v.gather(-1, v.sum(0).argmax(-1)[None,:,None].expand(T, -1, 1))[...,0]
+        else: l = -flat(torch.where(v.sum(0) >= T - v.sum(0), 1., -1.) * v)
+    elif name in ('max_prob','margin'):
+        top = p.topk(2, -1).indices
+        g = lambda c: x.gather(-1, c[None].expand(T, -1, 1))[...,0]
+        l = -g(top[:,:1]) if name=='max_prob' else -(g(top[:,:1]) - g(top[:,1:]))
+    elif name=='std':
+        s = x.std(0, correction=0)
+        l = torch.where(s > 0, (x - p)**2 / (2*s).clamp_min(1e-30), 0.).reshape(T, x.shape[1], -1).mean(-1)
+    else: raise ValueError(f"No score {name!r}")
+    return l.std(0)/math.sqrt(T)

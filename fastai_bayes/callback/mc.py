@@ -12,14 +12,14 @@ from ..sampling import *
 # %% auto #0
 __all__ = ['SamplingCallback', 'MCDropoutCallback']
 
-# %% ../../nbs/40_callback.mc.ipynb #7cb18e78
+# %% ../../nbs/40_callback.mc.ipynb #022a0130
 class _MCForward:
     "Stands in for `learn.model` during one forward: restores it, then returns the MC prediction"
     def __init__(self, cb): self.cb = cb
     def __call__(self, *xb):
         cb = self.cb
         cb._restore()
-        stats = MCStats(cb.sampler.kind, keep_samples=cb.keep_samples)
+        stats = cb.sampler.new_stats(keep_samples=cb.keep_samples)
         try: first = cb.sampler.sample(xb, stats)
         except Exception as e:
             raise RuntimeError(f"MC sampling failed on a batch: {type(e).__name__}: {e}. Check that the batches come "
