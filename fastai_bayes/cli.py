@@ -19,7 +19,7 @@ from .predictions import SCORES
 # %% auto #0
 __all__ = ['fastai_bayes_triage']
 
-# %% ../nbs/96_cli.ipynb #9584de99
+# %% ../nbs/96_cli.ipynb #d3e7b77c
 def _cli_arg(help:str, type:type, **kwargs):
     "A command-line argument's annotation: `Param` in fastcore 1, `Annotated` in fastcore 2"
     return Param(help, type, **kwargs) if Param is not None else Annotated[type, help, kwargs]
@@ -29,7 +29,8 @@ def fastai_bayes_triage(
     learner:_cli_arg("Learner file written by `learn.export()`. Loading a pickle runs code: only load files you trust. "
                   "Give neither LEARNER nor INPUTS for the demo", str, opt=False, nargs='?')=None,
     inputs:_cli_arg("A folder of images, or a CSV file for tabular and text learners", str, opt=False, nargs='?')=None,
-    n:_cli_arg("Monte Carlo passes per input (default: those the learner's referral was fitted with, else 20)", int)=None,
+    n:_cli_arg("Monte Carlo passes per input, or 'auto': per input, as many as its referral needs (default: those the "
+               "learner's referral was fitted with, else 20)", str)=None,
     refer:_cli_arg("Refer this fraction of the inputs, the most uncertain (a fixed share, no guarantee). Default when "
                    "no --risk or --coverage is given and the learner carries no fitted referral: 0.05", float)=None,
     risk:_cli_arg("Refer by a threshold fitted on --calibrate_on so that the error among the inputs kept is at most "
@@ -49,6 +50,9 @@ def fastai_bayes_triage(
     "Triage new inputs with an exported fastai learner: predictions, a refer-to-a-person flag, plots and an HTML report"
     rule = dict(refer=refer, risk=risk, coverage=coverage, delta=delta, calibrate_on=calibrate_on, label_col=label_col)
     try:
+        if n is not None and n != 'auto':
+            try: n = int(n)
+            except ValueError: raise TriageError(f"--n is a number of passes or 'auto', not {n!r}") from None
         if learner is None and inputs is None:
             print("No LEARNER and INPUTS given: running the demo (an MNIST learner; held-out digits and animal silhouettes).")
             learner,inputs = demo_learner(),demo_inputs()

@@ -140,27 +140,34 @@ def test_demo_refers_more_with_more_animals(tmp_path):
 
 def test_cli_risk_and_coverage_rules(vision, tmp_path):
     "--risk/--coverage fit on labelled held-out folders; a learner exported with its referral uses it; errors say what to pass"
-    learner, inp = vision
+    learner, inp = demo_learner(progress=False), vision[1]   # the demo's learner: 88% right, so sets of one class are common
     cal = demo_calibration(tmp_path/'cal', n=300)
-    r = run_cli(learner, inp, '--coverage', 0.6, '--calibrate_on', cal, '--n', 8, '--out', tmp_path/'cov')
+    r = run_cli(learner, inp, '--coverage', 0.9, '--calibrate_on', cal, '--n', 8, '--out', tmp_path/'cov')
     assert r.returncode == 0, r.stderr
     t = pd.read_csv(tmp_path/'cov'/'triage.csv', keep_default_na=False)
     sizes = t['conformal_set'].map(lambda s: len(s.split(';')) if s else 0)
     assert (t['refer'] == (sizes != 1)).all() and t['refer'].any() and (~t['refer']).any()
-    assert 'APS conformal prediction sets at coverage 60%' in r.stdout and 'fitted on 300 held-out items' in r.stdout
+    assert 'APS conformal prediction sets at coverage 90%' in r.stdout and 'fitted on 300 held-out items' in r.stdout
     page = (tmp_path/'cov'/'report.html').read_text()
     assert 'fitted on 300 held-out items' in page
     rule = torch.load(tmp_path/'cov'/'referral.pkl', weights_only=False)
     assert isinstance(rule, Conformal) and rule.n == 8
     # stored with the learner: fit_referral, export, and the command uses it with no option
     learn = load_learner(learner)
-    rt = fit_triage_referral(learn, cal, risk=0.3, progress=False)
+    rt = fit_triage_referral(learn, cal, risk=0.1, progress=False)
     learn.export(tmp_path/'with_rule.pkl')
     r = run_cli(tmp_path/'with_rule.pkl', inp, '--out', tmp_path/'stored')
     assert r.returncode == 0, r.stderr
     assert rt.describe() in r.stdout
-    r = run_cli(tmp_path/'with_rule.pkl', inp, '--risk', 0.3, '--out', tmp_path/'same')
+    r = run_cli(tmp_path/'with_rule.pkl', inp, '--risk', 0.1, '--out', tmp_path/'same')
     assert r.returncode == 0 and rt.describe() in r.stdout
+    # n='auto': as many passes per input as its side of the fitted threshold needs
+    r = run_cli(tmp_path/'with_rule.pkl', inp, '--n', 'auto', '--out', tmp_path/'auto')
+    assert r.returncode == 0, r.stderr
+    assert "n='auto' Monte Carlo passes (per input until its referral was settled: mean" in r.stdout
+    ta = pd.read_csv(tmp_path/'auto'/'triage.csv')
+    assert ta['n_used'].between(10, 200).all() and ta['n_used'].nunique() > 1
+    assert run_cli(learner, inp, '--n', 'many').stderr.strip().endswith("--n is a number of passes or 'auto', not 'many'")
     # errors, before anything runs
     r = run_cli(learner, inp, '--risk', 0.05)
     assert r.returncode == 1 and 'must be fitted on held-out labelled inputs first' in r.stderr and '--calibrate_on' in r.stderr
