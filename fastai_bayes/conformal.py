@@ -144,23 +144,6 @@ def conformal(
     c.qhat = conformal_quantile(s, alpha)
     return c
 
-# %% ../nbs/56_conformal.ipynb #ceb6ef9a
-@patch
-def __getitem__(self:MCPredictions, idx) -> MCPredictions:
-    "The results of the items `idx` (an index tensor, a list of ints, a bool mask or a slice)"
-    idx = plain_tensor(idx) if not isinstance(idx, slice) else idx
-    if isinstance(idx, Tensor) and idx.dtype == torch.bool: idx = idx.nonzero().flatten()
-    N = len(self)
-    def take(o, dim=0):   # every per-item tensor (first dim N; the passes' dim 1), nested inputs too
-        if isinstance(o, Tensor) and o.ndim > dim and o.shape[dim] == N: return o[idx] if dim == 0 else o[:, idx]
-        if isinstance(o, (tuple, list)): return type(o)(take(x, dim) for x in o)
-        return o
-    new = copy(self)
-    for k,v in vars(self).items():
-        if k == 'vocab': continue
-        setattr(new, k, take(v, 1 if k == 'samples' else 0))
-    return new
-
 # %% ../nbs/56_conformal.ipynb #b1307d05
 def plot_conformal(
     res_cal:MCPredictions, # Calibration result
