@@ -19,7 +19,7 @@ from .predictions import SCORES
 # %% auto #0
 __all__ = ['fastai_bayes_triage']
 
-# %% ../nbs/96_cli.ipynb #d3e7b77c
+# %% ../nbs/96_cli.ipynb #f98c855b
 def _cli_arg(help:str, type:type, **kwargs):
     "A command-line argument's annotation: `Param` in fastcore 1, `Annotated` in fastcore 2"
     return Param(help, type, **kwargs) if Param is not None else Annotated[type, help, kwargs]
@@ -33,14 +33,14 @@ def fastai_bayes_triage(
                "learner's referral was fitted with, else 20)", str)=None,
     refer:_cli_arg("Refer this fraction of the inputs, the most uncertain (a fixed share, no guarantee). Default when "
                    "no --risk or --coverage is given and the learner carries no fitted referral: 0.05", float)=None,
-    risk:_cli_arg("Refer by a threshold fitted on --calibrate_on so that the error among the inputs kept is at most "
+    risk:_cli_arg("Refer by a threshold fitted on --heldout so that the error among the inputs kept is at most "
                   "RISK with probability 1 - DELTA", float)=None,
-    coverage:_cli_arg("Refer when the conformal prediction set at this coverage (fitted on --calibrate_on) is not "
+    coverage:_cli_arg("Refer when the conformal prediction set at this coverage (fitted on --heldout) is not "
                       "a single class", float)=None,
     delta:float=0.1, # With --risk: allowed probability that the guarantee fails
-    calibrate_on:_cli_arg("Labelled held-out inputs to fit --risk or --coverage on: a folder with one subfolder per "
+    heldout:_cli_arg("Labelled held-out inputs to fit --risk or --coverage on: a folder with one subfolder per "
                           "class, or a CSV with the target column. Never inputs the learner was trained on", str)=None,
-    label_col:_cli_arg("Target column of a --calibrate_on CSV (default: the learner's, else 'label')", str)=None,
+    target:_cli_arg("Target column of a --heldout CSV (default: the learner's, else 'label')", str)=None,
     score:_cli_arg("Score to rank by (default: mutual_info; std for regression)", str,
                 choices=list(SCORES))=None,
     out:str='triage', # Output folder: triage.csv, the plots, report.html
@@ -48,7 +48,7 @@ def fastai_bayes_triage(
     seed:int=42, # Seed of the passes
 ):
     "Triage new inputs with an exported fastai learner: predictions, a refer-to-a-person flag, plots and an HTML report"
-    rule = dict(refer=refer, risk=risk, coverage=coverage, delta=delta, calibrate_on=calibrate_on, label_col=label_col)
+    rule = dict(refer=refer, risk=risk, coverage=coverage, delta=delta, calibrate_on=heldout, label_col=target)
     try:
         if n is not None and n != 'auto':
             try: n = int(n)
@@ -57,7 +57,7 @@ def fastai_bayes_triage(
             print("No LEARNER and INPUTS given: running the demo (an MNIST learner; held-out digits and animal silhouettes).")
             learner,inputs = demo_learner(),demo_inputs()
             if refer is None and coverage is None:   # the demo's rule: a threshold certified on held-out digits
-                rule.update(risk=ifnone(risk, DEMO_RISK), calibrate_on=ifnone(calibrate_on, demo_calibration()))
+                rule.update(risk=ifnone(risk, DEMO_RISK), calibrate_on=ifnone(heldout, demo_calibration()))
             df = triage(learner, inputs, n, score=score, out=out, bs=bs, seed=seed, **rule)
             print(); print(demo_summary(df))
         elif learner is None or inputs is None: raise TriageError("Pass both LEARNER and INPUTS (or neither, for the demo).")

@@ -139,7 +139,7 @@ def _rule_matches(rule, risk, coverage, delta) -> bool:
     if risk is not None: return isinstance(rule, RiskThreshold) and math.isclose(rule.risk, risk) and math.isclose(rule.delta, delta)
     return isinstance(rule, Conformal) and math.isclose(1 - rule.alpha, coverage)
 
-# %% ../nbs/95_triage.ipynb #90834d58
+# %% ../nbs/95_triage.ipynb #5b491734
 def labelled_items(
     learn:Learner, # Learner the inputs are for
     inputs:str|Path, # Images in one subfolder per class, or a CSV file with the target column
@@ -155,7 +155,7 @@ def labelled_items(
     else:
         col = label_col or (getattr(learn.dls, 'y_names', None) or ['label'])[0]
         if col not in table.columns:
-            raise TriageError(f"{inputs} has no target column {col!r}: name it with label_col (--label_col)")
+            raise TriageError(f"{inputs} has no target column {col!r}: name it with label_col (--target)")
         labels = table[col].tolist()
     idx = {str(v): i for i,v in enumerate(vocab)}
     bad = sorted({str(l) for l in labels} - set(idx))
@@ -187,7 +187,7 @@ def fit_triage_referral(
     learn.referral = rule
     return rule
 
-# %% ../nbs/95_triage.ipynb #811de8bc
+# %% ../nbs/95_triage.ipynb #6bd513c6
 def triage_rule(
     learn:Learner, # The learner (its `referral`, if fitted, is the default rule)
     refer:float|None=None, # Refer this fraction of the inputs (a fixed share)
@@ -212,7 +212,7 @@ def triage_rule(
     if stored is not None and _rule_matches(stored, risk, coverage, delta): return stored
     what = f"risk {risk} (delta {delta})" if risk is not None else f"coverage {coverage}"
     raise TriageError(f"A referral at {what} must be fitted on held-out labelled inputs first: pass calibrate_on "
-                      "(--calibrate_on: a folder with one subfolder per class, or a CSV with the target column), or "
+                      "(--heldout: a folder with one subfolder per class, or a CSV with the target column), or "
                       "fit it with `learn.fit_referral(dl, ...)` before `learn.export()`"
                       + (f". This learner carries {stored!r}" if stored is not None else ""))
 

@@ -142,7 +142,7 @@ def test_cli_risk_and_coverage_rules(vision, tmp_path):
     "--risk/--coverage fit on labelled held-out folders; a learner exported with its referral uses it; errors say what to pass"
     learner, inp = demo_learner(progress=False), vision[1]   # the demo's learner: 88% right, so sets of one class are common
     cal = demo_calibration(tmp_path/'cal', n=300)
-    r = run_cli(learner, inp, '--coverage', 0.9, '--calibrate_on', cal, '--n', 8, '--out', tmp_path/'cov')
+    r = run_cli(learner, inp, '--coverage', 0.9, '--heldout', cal, '--n', 8, '--out', tmp_path/'cov')
     assert r.returncode == 0, r.stderr
     t = pd.read_csv(tmp_path/'cov'/'triage.csv', keep_default_na=False)
     sizes = t['conformal_set'].map(lambda s: len(s.split(';')) if s else 0)
@@ -170,14 +170,14 @@ def test_cli_risk_and_coverage_rules(vision, tmp_path):
     assert run_cli(learner, inp, '--n', 'many').stderr.strip().endswith("--n is a number of passes or 'auto', not 'many'")
     # errors, before anything runs
     r = run_cli(learner, inp, '--risk', 0.05)
-    assert r.returncode == 1 and 'must be fitted on held-out labelled inputs first' in r.stderr and '--calibrate_on' in r.stderr
+    assert r.returncode == 1 and 'must be fitted on held-out labelled inputs first' in r.stderr and '--heldout' in r.stderr
     r = run_cli(learner, inp, '--risk', 0.05, '--refer', 0.1)
     assert r.returncode == 1 and 'Pass one of refer, risk and coverage' in r.stderr
-    r = run_cli(learner, inp, '--coverage', 1.5, '--calibrate_on', cal)
+    r = run_cli(learner, inp, '--coverage', 1.5, '--heldout', cal)
     assert r.returncode == 1 and 'coverage must lie in (0, 1)' in r.stderr
     (tmp_path/'badcal'/'seven').mkdir(parents=True)
     shutil.copy(next(cal.rglob('*.png')), tmp_path/'badcal'/'seven'/'x.png')
-    r = run_cli(learner, inp, '--risk', 0.05, '--calibrate_on', tmp_path/'badcal')
+    r = run_cli(learner, inp, '--risk', 0.05, '--heldout', tmp_path/'badcal')
     assert r.returncode == 1 and "Labels ['seven']" in r.stderr and 'one subfolder per class' in r.stderr
 
 def test_text_and_regression_csv(tmp_path):
