@@ -11,13 +11,8 @@ sys.path.insert(0, str(Path(__file__).parent.parent/'tests'))
 from fastai.vision.all import *
 from fastai.tabular.all import *
 from fastai_bayes.all import *
-from _helpers import fit_quietly, tiny_cnn
+from _helpers import fit_quietly, tiny_cnn, random_splits
 
-def splits(n, n_cal, k, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(k):
-        p = torch.randperm(n, generator=g)
-        yield p[:n_cal], p[n_cal:]
 
 def temperature(name, learn, n_cal):
     with learn.no_bar(): res = learn.mc_predict(n=20, seed=0, with_samples=True)
@@ -50,13 +45,13 @@ print(f"\nconformal sets, alpha = {alpha}, n_cal = {n_cal}, 400 splits of {len(r
       f"bounds [{1-alpha:.4f}, {1-alpha+1/(n_cal+1):.4f}]")
 for m in ('lac', 'aps', 'raps'):
     cv, sz = [], []
-    for i,(c,t) in enumerate(splits(len(res), n_cal, 400)):
+    for i,(c,t) in enumerate(random_splits(len(res), n_cal, 400)):
         cf = conformal(res[c], alpha, m, seed=i); cv.append(cf.coverage(res[t])); sz.append(cf.size(res[t]))
     cv = torch.tensor(cv, dtype=torch.float64)
     print(f"  {m:5s} mean coverage {cv.mean():.4f} ± {cv.std()/math.sqrt(len(cv)):.4f} (s.e.), mean set size {np.mean(sz):.2f}")
 k = math.ceil((n_cal+1)*(1-alpha))
 cv = []
-for c,t in splits(len(res), n_cal, 400):
+for c,t in random_splits(len(res), n_cal, 400):
     cf = conformal(res[c], alpha, 'lac')
     cf.qhat = (1 - res[c].probs.double().gather(1, res[c].targs[:,None]))[:,0].sort()[0][k-2].item()
     cv.append(cf.coverage(res[t]))
@@ -65,7 +60,7 @@ print(f"  wrong: LAC with k = ceil(n(1-alpha)) mean coverage {cv.mean():.4f} ± 
 
 eps, delta, n_cal = 0.03, 0.1, 1500
 ok, ok_tol, ok_naive, kept = [], [], [], []
-for c,t in splits(len(res), n_cal, 200, seed=2):
+for c,t in random_splits(len(res), n_cal, 200, seed=2):
     rc, rt = res[c], res[t]
     thr = risk_threshold(rc, 'mutual_info', risk=eps, delta=delta)
     keep = ~thr.refer(rt); k_ = int(keep.sum())

@@ -12,7 +12,7 @@ from .metrics import correct
 from .calibration import lead_learner, check_held_out
 
 # %% auto #0
-__all__ = ['Conformal', 'conformal_quantile', 'conformal', 'plot_conformal', 'RiskThreshold', 'risk_threshold']
+__all__ = ['Conformal', 'conformal_quantile', 'conformal', 'plot_conformal', 'RiskThreshold', 'risk_threshold', 'referral_rule']
 
 # %% ../nbs/56_conformal.ipynb #33cce4b2
 _CLF_METHODS,_REG_METHODS = ('lac','aps','raps'),('abs','std')
@@ -220,7 +220,27 @@ def risk_threshold(
     if j == 0: return RiskThreshold(score, -math.inf, risk, delta, len(s), 0., float('nan'))
     return RiskThreshold(score, lam[j-1].item(), risk, delta, len(s), n_kept[j-1].item()/len(s), e_kept[j-1].item()/n_kept[j-1].item())
 
-# %% ../nbs/56_conformal.ipynb #c3e50f4a
+# %% ../nbs/56_conformal.ipynb #db4611f9
+def _check_rule_args(risk, coverage):
+    if (risk is None) == (coverage is None):
+        raise ValueError("Pass one of risk= (the largest error among kept items) or coverage= (conformal sets)")
+    if coverage is not None and not 0 < coverage < 1: raise ValueError(f"coverage must lie in (0, 1), got {coverage!r}")
+
+def referral_rule(
+    res:MCPredictions, # Held-out predictions with targets
+    risk:float|None=None, # Certified threshold: error among kept items ≤ `risk` with probability ≥ 1 − `delta`
+    coverage:float|None=None, # Conformal sets holding the answer with probability ≥ `coverage`
+    score:str|None=None, # With `risk`: the score to threshold; None: 'mutual_info'
+    delta:float=0.1, # With `risk`: allowed probability that the guarantee fails
+    method:str|None=None, # With `coverage`: conformal method ('aps' by default)
+) -> RiskThreshold|Conformal:
+    "The referral rule with a guarantee fitted on `res`: a `risk_threshold` or `conformal` sets; `rule.n` records the passes"
+    _check_rule_args(risk, coverage)
+    rule = (risk_threshold(res, score or 'mutual_info', risk, delta) if risk is not None
+            else conformal(res, round(1 - coverage, 12), method))
+    rule.n = res.n
+    return rule
+
 @patch
 def fit_referral(self:Learner,
     dl:DataLoader|None=None, # Held-out labelled data; default the validation set (`ds_idx`)
@@ -235,12 +255,8 @@ def fit_referral(self:Learner,
     **kwargs, # Passed to `mc_predict`
 ) -> RiskThreshold|Conformal:
     "Fit a referral rule with a guarantee on held-out `dl` and keep it in `self.referral` (saved by `export`)"
-    if (risk is None) == (coverage is None):
-        raise ValueError("Pass one of risk= (the largest error among kept items) or coverage= (conformal sets)")
-    if coverage is not None and not 0 < coverage < 1: raise ValueError(f"coverage must lie in (0, 1), got {coverage!r}")
+    _check_rule_args(risk, coverage)
     check_held_out(lead_learner(self), dl)
     res = self.mc_predict(dl, seed=seed, ds_idx=ds_idx, **({} if n is None else dict(n=n)), **kwargs)
-    rule = risk_threshold(res, score, risk, delta) if risk is not None else conformal(res, round(1 - coverage, 12), method)
-    rule.n = res.n
-    self.referral = rule
-    return rule
+    self.referral = referral_rule(res, risk, coverage, score, delta, method)
+    return self.referral

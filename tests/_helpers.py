@@ -24,3 +24,10 @@ def adult_dls(n=800, seed=0, bs=128):
     return TabularDataLoaders.from_df(df, y_names='loan', cat_names=df.attrs['cat_names'], cont_names=df.attrs['cont_names'],
                                       procs=[Categorify, FillMissing, Normalize], valid_idx=list(df.index[df.is_valid]),
                                       bs=bs, num_workers=0)
+
+def random_splits(n, n_cal, k, seed=0):
+    "`k` random (calibration, test) index splits of `n` items, `n_cal` to calibrate, from a seeded generator"
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(k):
+        p = torch.randperm(n, generator=g)
+        yield p[:n_cal], p[n_cal:]

@@ -4,7 +4,7 @@ import pytest
 from fastai.vision.all import *
 from fastai.tabular.all import *
 from fastai_bayes.all import *
-from _helpers import fit_quietly, tiny_cnn
+from _helpers import fit_quietly, tiny_cnn, random_splits
 
 @pytest.fixture(scope='module')
 def mnist():
@@ -17,11 +17,6 @@ def mnist():
     with learn.no_bar(): res = learn.mc_predict(n=20, seed=0, with_samples=True)
     return learn, res
 
-def _splits(n, n_cal, k, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(k):
-        p = torch.randperm(n, generator=g)
-        yield p[:n_cal],p[n_cal:]
 
 def _bounds_ok(covs, alpha, n_cal):
     "Mean coverage over splits within [1−α, 1−α + 1/(n+1)], up to 3 standard errors of that mean"
@@ -98,7 +93,7 @@ def test_conformal_coverage_over_splits(mnist, method):
     _, res = mnist
     res = res[torch.arange(len(res))]; res.samples = None
     alpha, n_cal = 0.1, 100
-    covs = [conformal(res[c], alpha, method, seed=i).coverage(res[t]) for i,(c,t) in enumerate(_splits(len(res), n_cal, 400))]
+    covs = [conformal(res[c], alpha, method, seed=i).coverage(res[t]) for i,(c,t) in enumerate(random_splits(len(res), n_cal, 400))]
     ok, m, se = _bounds_ok(covs, alpha, n_cal)
     assert ok, f"{method}: mean coverage {m:.4f} ± {se:.4f} outside [{1-alpha}, {1-alpha+1/(n_cal+1):.4f}]"
 
@@ -108,7 +103,7 @@ def test_conformal_check_has_power(mnist):
     alpha, n_cal = 0.1, 100
     k = math.ceil((n_cal+1)*(1-alpha))
     covs = {-1: [], 0: [], 2: []}
-    for c,t in _splits(len(res), n_cal, 400):
+    for c,t in random_splits(len(res), n_cal, 400):
         cf = conformal(res[c], alpha, 'lac')
         s = (1 - res[c].probs.double().gather(1, res[c].targs[:,None]))[:,0].sort()[0]
         test_eq(cf.qhat, s[k-1].item())
@@ -141,7 +136,7 @@ def test_conformal_regression_diabetes():
     with learn.no_bar(): res = learn.mc_predict(n=30, seed=0)
     alpha, n_cal = 0.2, 80
     for m in ('abs', 'std'):
-        covs = [conformal(res[c], alpha, m).coverage(res[t]) for c,t in _splits(len(res), n_cal, 400, seed=1)]
+        covs = [conformal(res[c], alpha, m).coverage(res[t]) for c,t in random_splits(len(res), n_cal, 400, seed=1)]
         ok, mean, se = _bounds_ok(covs, alpha, n_cal)
         assert ok, f"{m}: mean coverage {mean:.4f} ± {se:.4f}"
     c = conformal(res, alpha, 'std')
@@ -166,7 +161,7 @@ def test_risk_threshold_guarantee_over_splits(mnist):
         k = int(keep.sum())
         return k == 0 or (1 - rt.correct()[keep].mean()).item() <= eps + math.sqrt(eps*(1-eps)/k)
     ok_ltt, ok_naive, kept = [], [], []
-    for c,t in _splits(len(res), n_cal, 200, seed=2):
+    for c,t in random_splits(len(res), n_cal, 200, seed=2):
         rc, rt = res[c], res[t]
         thr = risk_threshold(rc, 'mutual_info', risk=eps, delta=delta)
         keep = ~thr.refer(rt)
