@@ -51,11 +51,12 @@ def test_api_page_signatures_and_argument_tables(site):
     code = art.get_text()
     assert 'triage(\n    learn:Learner | str | Path,' in code and ') -> pd.DataFrame' in code
     # the docments of `triage` as a table: one row per argument, with its type, default and comment
-    tbl = next(t for t in art.find_all('table') if 'refer' in t.get_text() and 'Monte Carlo passes' in t.get_text())
+    tbl = next(t for t in art.find_all('table') if 'Refer this fraction' in t.get_text() and 'Monte Carlo passes' in t.get_text())
     rows = {r.find_all('td')[0].get_text().strip(): [c.get_text().strip() for c in r.find_all('td')[1:]]
             for r in tbl.find_all('tr') if r.find_all('td')}
     assert [c.get_text().strip() for c in tbl.find_all('th')] == ['Argument', 'Type', 'Default', 'Details']
-    assert rows['refer'] == ['float', '0.05', 'Fraction of the inputs, the most uncertain, to refer to a person']
+    assert rows['refer'][1:] == ['None', 'Refer this fraction of the inputs, the most uncertain (a fixed share)']
+    assert rows['refer'][0].replace(' ', '') == 'float|None' and rows['risk'][1] == 'None'
     assert rows['learn'][0] == 'Learner | str | Path' and rows['Returns'][0] == 'pd.DataFrame'
     # a patched method is documented under its class, the item-text function on its own page
     assert 'Learner.mc_predict' in main_text(site/'api'/'predictions.html')

@@ -201,8 +201,21 @@ def stage(src:Path) -> dict:
     if (NBS/'images').exists(): shutil.copytree(NBS/'images', src/'images')
     return dict(modules=len(modules), tutorials=len(tutorials))
 
+def loopback_up() -> None:
+    """Jupyter kernels talk to the build over 127.0.0.1. Under `unshare -n` (how `make docs` and the test command run)
+    the new network namespace's loopback starts down, so the tutorials' kernels never answer: bring it up. Nothing
+    outside the namespace becomes reachable; outside a fresh namespace the interface is already up and this does nothing."""
+    import fcntl, socket, struct
+    SIOCGIFFLAGS,SIOCSIFFLAGS,IFF_UP = 0x8913,0x8914,0x1
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            flags = struct.unpack('16sh', fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack('16sh', b'lo', 0))[:18])[1]
+            if not flags & IFF_UP: fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack('16sh', b'lo', flags | IFF_UP))
+    except OSError as e: print(f"docs: could not bring the loopback interface up ({e}); kernels may not start", flush=True)
+
 def build(out:Path, work:Path, jobs:str='2') -> None:
     t0 = time.time()
+    loopback_up()
     src,html = work/'src',work/'html'
     n = stage(src)
     print(f"docs: staged the home page, {n['modules']} API pages and {n['tutorials']} tutorials in {src} ({time.time()-t0:.0f} s)", flush=True)
