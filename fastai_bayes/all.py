@@ -6,6 +6,7 @@ from .uncertainty import *
 from .sampling import *
 from .callback.mc import *
 from .predictions import *
+from .distributed import *
 from .metrics import *
 from .calibration import *
 from .conformal import *

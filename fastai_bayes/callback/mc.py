@@ -12,7 +12,7 @@ from ..sampling import *
 # %% auto #0
 __all__ = ['SamplingCallback', 'MCDropoutCallback']
 
-# %% ../../nbs/40_callback.mc.ipynb #022a0130
+# %% ../../nbs/40_callback.mc.ipynb #9b633791
 class _MCForward:
     "Stands in for `learn.model` during one forward: restores it, then returns the MC prediction"
     def __init__(self, cb): self.cb = cb
@@ -25,11 +25,14 @@ class _MCForward:
             raise RuntimeError(f"MC sampling failed on a batch: {type(e).__name__}: {e}. Check that the batches come "
                                "from this learner's data, e.g. `dl = learn.dls.test_dl(items)`.") from e
         res = stats.result()
-        if cb.gather: cb.gathered.append(cb.learn.to_detach(res))
+        if cb.gather:   # what the result keeps; per-batch-only statistics (a segmentation's per-pixel mean) feed the loss only
+            keep = {k: v.transpose(0, 1) if k == 'samples' else v for k,v in res.items() if k not in getattr(stats, 'transient', ())}
+            # items first for `to_detach`, which under a distributed loader gathers the ranks' batches along dim 0
+            cb.gathered.append({k: v.transpose(0, 1) if k == 'samples' else v for k,v in cb.learn.to_detach(keep).items()})
         pred = cb.sampler.kind.inv(res['mean'])
         return (pred, *first[1:]) if isinstance(first, (tuple,list)) else pred
 
-# %% ../../nbs/40_callback.mc.ipynb #eb28fd76
+# %% ../../nbs/40_callback.mc.ipynb #16816d46
 class SamplingCallback(Callback):
     "Every non-training forward is the mean of the predictions of the `Sampler` that `make_sampler()` returns"
     order,run_train = 50,False
@@ -48,10 +51,13 @@ class SamplingCallback(Callback):
         return self.sampler_fn()
 
     def before_validate(self):
-        "Plan the passes; seed them if asked"
+        "Plan the passes; seed them if asked (each process of a distributed run its own stream: `seed + rank`)"
+        if self.gather and num_distrib() > 1:   # one shard per process, gathered back in the loader's order
+            from fastai_bayes.distributed import DistributedPredictDL   # that module builds on this one
+            self.learn.dl = DistributedPredictDL.for_learner(self.learn)
         if self.seed is not None:
             self._rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-            torch.manual_seed(self.seed)
+            torch.manual_seed(self.seed + rank_distrib())
         self.sampler = self.make_sampler()
         self.gathered = []
 
