@@ -8,6 +8,7 @@ from .callback.mc import *
 from .predictions import *
 from .distributed import *
 from .metrics import *
+from .segmentation import *
 from .calibration import *
 from .conformal import *
 from .ensemble import *

@@ -60,7 +60,7 @@ def _targets(res:MCPredictions) -> Tensor:
     y = plain_tensor(res.targs)
     return y.reshape(len(res)).long() if res.kind == 'softmax' else y.reshape(res.mean.shape).double()
 
-# %% ../nbs/55_calibration.ipynb #ee9c9c97
+# %% ../nbs/55_calibration.ipynb #8b2a7e7a
 def fit_scaling(
     res:MCPredictions, # Held-out predictions with their passes (`with_samples=True`) and targets
     method:str='temperature', # 'temperature' (one T) or 'vector' (per-class slope and offset; softmax only)
@@ -68,6 +68,7 @@ def fit_scaling(
 ) -> TemperatureScaling|VectorScaling:
     "Fit a post-hoc calibration of `res`'s passes by minimising the NLL of their mean; its `fit_info` has the NLL/ECE before and after"
     if method not in ('temperature','vector'): raise ValueError(f"method must be 'temperature' or 'vector', not {method!r}")
+    res.check_per_item('fit_scaling')
     if res.kind == 'identity':
         raise ValueError("Scaling calibrates class probabilities; this is a regression result. For calibrated "
                          "intervals use `conformal(res_cal, method='std')`")
@@ -130,7 +131,7 @@ def check_held_out(learn:Learner, dl):
         warn(f"calibrating on the validation set that {type(first(c for c in learn.cbs if isinstance(c, TrackerCallback))).__name__} "
              "uses to choose the weights: the fitted calibration is optimistic. Pass held-out items as `dl=`")
 
-# %% ../nbs/55_calibration.ipynb #f26510f2
+# %% ../nbs/55_calibration.ipynb #dc8160e4
 @patch
 def calibrate(self:Learner,
     dl:DataLoader|None=None, # Held-out labelled data; default the validation set (`ds_idx`)
@@ -143,6 +144,9 @@ def calibrate(self:Learner,
     "Fit a post-hoc calibration of the MC predictive on held-out `dl`; keep it in `self.calibration` (applied to every pass from now on)"
     learn = lead_learner(self)
     if method not in ('temperature','vector'): raise ValueError(f"method must be 'temperature' or 'vector', not {method!r}")
+    if output_kind(learn.loss_func, kwargs.get('kind')).spatial:
+        raise ValueError("calibrate fits one scaling of a class prediction per item; this learner predicts a class per "
+                         "pixel (segmentation): measure its per-pixel calibration with `pixel_ece(learn.mc_predict(dl))`")
     if output_kind(learn.loss_func, kwargs.get('kind')) == 'identity':
         raise ValueError("Scaling calibrates class probabilities; this learner is a regression. For calibrated "
                          "intervals use `conformal(res_cal, method='std')` on held-out predictions")

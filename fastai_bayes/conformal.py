@@ -102,7 +102,7 @@ def _mu_sigma(res, method):
     s = plain_tensor(res.std).double().reshape(len(res))
     return mu,s.clamp_min(1e-12*max(s.mean().item(), 1e-300))   # a zero std would make the score infinite
 
-# %% ../nbs/56_conformal.ipynb #dc9462a1
+# %% ../nbs/56_conformal.ipynb #d0124f1a
 def conformal_quantile(
     scores:Tensor, # Calibration scores, one per item
     alpha:float, # Miscoverage: the sets hold the answer with probability >= 1 - alpha
@@ -125,6 +125,7 @@ def conformal(
     seed:int=0, # Seed of the uniform draws
 ) -> Conformal:
     "Fit split conformal prediction on a calibration result of any sampler"
+    res_cal.check_per_item('conformal')
     if not (isinstance(alpha, float) or isinstance(alpha, int)) or not 0 < alpha < 1:
         raise ValueError(f"alpha is the allowed miscoverage and must lie in (0, 1), got {alpha!r}")
     reg = res_cal.kind == 'identity'

@@ -10,9 +10,9 @@ import numpy as np, pandas as pd
 from PIL import Image
 
 # %% auto #0
-__all__ = ['MNIST_CLASSES', 'ANIMAL_CLASSES', 'package_file', 'data_dir', 'mnist_arrays', 'mnist_sample', 'animal_arrays',
-           'animal_silhouettes', 'rotten_tomatoes', 'cat_cont_names', 'adult_census', 'diabetes_df', 'toy_function',
-           'toy_regression']
+__all__ = ['MNIST_CLASSES', 'ANIMAL_CLASSES', 'SEG_CODES', 'package_file', 'data_dir', 'mnist_arrays', 'mnist_sample',
+           'animal_arrays', 'animal_silhouettes', 'mnist_segmentation', 'rotten_tomatoes', 'cat_cont_names',
+           'adult_census', 'diabetes_df', 'toy_function', 'toy_regression']
 
 # %% ../nbs/00_datasets.ipynb #feec34b9
 _find_spec = importlib.util.find_spec
@@ -144,6 +144,65 @@ def animal_silhouettes(n:int|None=1000,      # Number of images (at most 10000);
     "`n` shuffled animal silhouettes as PNG files: DataFrame of `fname` (relative to `attrs['path']`), `label` (animal name), `is_valid`"
     x, y = _animal_raw()
     return _image_sample('animal_silhouettes', x, y, ANIMAL_CLASSES, _subset_idx(len(y), n, seed), seed, valid_pct, path)
+
+# %% ../nbs/00_datasets.ipynb #c815c292
+SEG_CODES = ['background'] + MNIST_CLASSES
+
+def _place(free, on, rng, tries=100):
+    "A random top-left corner where the stroke pixels `on` (28×28) fall on `free` pixels only; the last try if none does"
+    for _ in range(tries):
+        r,k = rng.integers(0, free.shape[0] - 27, 2)
+        if free[r:r+28, k:k+28][on].all(): break
+    return r,k
+
+def _canvases(digits, labels, n, size, max_digits, rng, animals=None):
+    "`n` canvases, their masks (class codes) and OOD masks: objects at random places, their strokes kept apart (1 px)"
+    X,M,O = np.zeros((n, size, size), np.uint8),np.zeros((n, size, size), np.uint8),np.zeros((n, size, size), np.uint8)
+    for i in range(n):
+        objs = [(digits[j], labels[j] + 1) for j in rng.choice(len(digits), rng.integers(1, max_digits + 1), replace=False)]
+        if animals is not None: objs.insert(rng.integers(0, len(objs) + 1), (animals[rng.integers(len(animals))], -1))
+        free = np.ones((size, size), bool)
+        for im,c in objs:
+            on = im > 100
+            r,k = _place(free, on, rng)
+            X[i, r:r+28, k:k+28] = np.maximum(X[i, r:r+28, k:k+28], im)
+            M[i, r:r+28, k:k+28][on] = max(c, 0)
+            O[i, r:r+28, k:k+28][on] = c < 0
+            grown = np.zeros((size + 2, size + 2), bool)        # the strokes grown by one pixel are no longer free
+            for dr in range(3):
+                for dk in range(3): grown[r+dr:r+dr+28, k+dk:k+dk+28] |= on
+            free &= ~grown[1:-1, 1:-1]
+    return X,M,O
+
+def mnist_segmentation(n:int=500,           # Number of canvases
+                       size:int=48,         # Canvas side in pixels (at least 28)
+                       max_digits:int=2,    # Digits per canvas: 1 to this many
+                       ood:bool=False,      # Also paste one animal silhouette into each canvas (marked in the `ood` mask)
+                       seed:int=42,         # Seed of the digits' shuffle, the placements, and the validation rows
+                       valid_pct:float=0.2, # Fraction of the canvases marked `is_valid` (their digits unseen in training)
+                       path:str|Path|None=None, # Folder for the PNGs; None: under `data_dir()`
+                      )->pd.DataFrame:
+    "Segmentation canvases of MNIST digits as PNG files: DataFrame of `fname`, `mask` (codes `SEG_CODES`), `ood`, `is_valid`"
+    if size < 28: raise ValueError(f"size must be at least 28 (a digit is 28×28), got {size}")
+    if not 1 <= max_digits <= 10: raise ValueError(f"max_digits must be in 1..10, got {max_digits}")
+    rng = np.random.default_rng(seed)
+    x,y = mnist_arrays(None, seed)
+    is_valid = _is_valid(n, valid_pct)
+    cut = len(y) - int(round(len(y)*valid_pct)) if valid_pct else len(y)
+    ax = animal_arrays(None, seed)[0] if ood else None
+    parts = [_canvases(x[:cut], y[:cut], int((~is_valid).sum()), size, max_digits, rng, ax),
+             _canvases(x[cut:] if valid_pct else x, y[cut:] if valid_pct else y, int(is_valid.sum()), size, max_digits, rng, ax)]
+    X,M,O = (np.concatenate([p[i] for p in parts]) for i in range(3))
+    names = [f"{'valid' if v else 'train'}/{i}.png" for i,v in enumerate(is_valid)]
+    files = pd.DataFrame(dict(fname=[f'images/{o}' for o in names] + [f'masks/{o}' for o in names] + [f'ood/{o}' for o in names],
+                              label=['image']*n + ['mask']*n + ['ood']*n, is_valid=np.concatenate([is_valid]*3)))
+    if path is None: path = data_dir()/f"mnist_segmentation_{n}_{size}_{max_digits}{'_ood' if ood else ''}_{seed}_v{valid_pct}"
+    path = Path(path).expanduser().absolute()
+    if not _sample_complete(path, files): _write_sample(np.concatenate([X, M, O]), files, path)
+    df = pd.DataFrame(dict(fname=files.fname[:n].values, mask=files.fname[n:2*n].values, ood=files.fname[2*n:].values,
+                           is_valid=is_valid))
+    df.attrs.update(path=path, codes=SEG_CODES)
+    return df
 
 # %% ../nbs/00_datasets.ipynb #ed3cb0c6
 @functools.cache

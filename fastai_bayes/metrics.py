@@ -15,9 +15,12 @@ __all__ = ['Reliability', 'reliability_data', 'expected_calibration_error', 'max
            'brier_score', 'nll', 'ReferralCurve', 'referral_curve', 'aurc', 'accuracy_at_coverage', 'ood_auroc',
            'ood_aupr', 'fpr_at_95_tpr', 'ProbMetric', 'ECE', 'Brier', 'NLL', 'mean_predictive_entropy', 'MeanEntropy']
 
-# %% ../nbs/50_metrics.ipynb #a934d431
+# %% ../nbs/50_metrics.ipynb #3cc7de4a
 def _probs_targs(probs, targs):
     "`probs` in float64, `targs` (class indices, or floats for Bernoulli), and whether they are Bernoulli"
+    if probs is None or targs is None:
+        raise ValueError(f"{'probs' if probs is None else 'targs'} is None: pass tensors (a regression result has no "
+                         "probs; a segmentation result keeps them only with `mc_predict(..., with_probs=True)`: use `pixel_ece(res)`)")
     p,y = plain_tensor(probs),plain_tensor(targs)
     p,y = p.double(),y.to(p.device)
     if (p.ndim == 2 and p.shape[1] == 1 and y.shape == p.shape[:1]) or (p.ndim == 1 and y.shape == (len(p), 1)):
@@ -304,9 +307,10 @@ def MeanEntropy(act:Callable|None=None):
     "Mean predictive entropy as a fastai metric"
     return ProbMetric(mean_predictive_entropy, name='entropy', act=act)
 
-# %% ../nbs/50_metrics.ipynb #72cf48cd
+# %% ../nbs/50_metrics.ipynb #56c97429
 def _clf(res:MCPredictions, what:str):
     "`res.probs` and `res.targs`, or a clear error"
+    res.check_per_item(what)
     if res.kind == 'identity': raise ValueError(f"{what} needs a classification result; this one is a regression")
     if res.targs is None: raise ValueError(f"{what} needs targets; this result has none (unlabelled data?)")
     return res.probs,res.targs

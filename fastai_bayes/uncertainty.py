@@ -7,9 +7,9 @@ from __future__ import annotations
 from fastai.basics import *
 
 # %% auto #0
-__all__ = ['PROB_FLOOR', 'SCORE_NAMES', 'entropy', 'bernoulli_entropy', 'predictive_entropy', 'expected_entropy',
+__all__ = ['PROB_FLOOR', 'SCORE_NAMES', 'SEG_MAPS', 'entropy', 'bernoulli_entropy', 'predictive_entropy', 'expected_entropy',
            'mutual_information', 'variation_ratio', 'sample_std', 'max_prob', 'margin', 'OutputKind', 'output_kind',
-           'regression_variance', 'item_score', 'MCStats', 'delta_se']
+           'regression_variance', 'item_score', 'MCStats', 'delta_se', 'SegStats']
 
 # %% ../nbs/20_uncertainty.ipynb #ca4c5404
 PROB_FLOOR = torch.finfo(torch.float32).tiny
@@ -71,7 +71,7 @@ def margin(probs) -> Tensor:
     top = _f32(probs).topk(2, dim=-1)[0]
     return top[...,0] - top[...,1]
 
-# %% ../nbs/20_uncertainty.ipynb #59f77104
+# %% ../nbs/20_uncertainty.ipynb #0dd15ed2
 class OutputKind:
     "How raw outputs become probabilities (`act`) and back to the loss's input (`inv`), and what their uncertainty is"
     def __init__(self,
@@ -120,6 +120,11 @@ class OutputKind:
         "1 − the share of `n` votes that went to the modal class (per label for sigmoid: the majority answer)"
         if self.name=='sigmoid': return 1 - torch.maximum(votes, n - votes)/n
         return 1 - votes.max(-1)[0]/n
+
+    @property
+    def spatial(self) -> bool:
+        "Per-pixel classes (segmentation): softmax over dim 1 of N×C×H×W outputs, as `unet_learner`'s loss says"
+        return self.name=='softmax' and self.dim == 1
 
     def __eq__(self, other): return self.name == (other.name if isinstance(other, OutputKind) else other)
     def __hash__(self): return hash(self.name)
@@ -171,9 +176,10 @@ def regression_variance(
     alea = torch.zeros_like(epi) if var_samples is None else _f32(var_samples).mean(0)
     return dict(total=epi + alea, epistemic=epi, aleatoric=alea)
 
-# %% ../nbs/20_uncertainty.ipynb #d019d0b7
+# %% ../nbs/20_uncertainty.ipynb #fbb97a0a
 SCORE_NAMES = dict(softmax=('entropy','expected_entropy','mutual_info','variation_ratio','max_prob','margin','std'),
-                   sigmoid=('entropy','expected_entropy','mutual_info','variation_ratio','std'), identity=('std',))
+                   sigmoid=('entropy','expected_entropy','mutual_info','variation_ratio','std'), identity=('std',),
+                   segmentation=('entropy','expected_entropy','mutual_info','variation_ratio','max_prob','std','mi_p95','uncertain_area'))
 
 def item_score(
     r:dict, # Per-item statistics: `MCStats.result()`, or the fields of an `MCPredictions`
@@ -181,6 +187,7 @@ def item_score(
     kind:str|OutputKind, # 'softmax', 'sigmoid' or 'identity'
 ) -> Tensor:
     "Per-item score `name` (higher = less sure): summed over labels for 'sigmoid', `std` averaged over outputs"
+    if kind=='segmentation': return r[name]     # per-image scores, computed from the pixels' maps
     if name=='max_prob': return 1 - max_prob(r['mean'])
     if name=='margin': return 1 - margin(r['mean'])
     s = r[name]
@@ -399,3 +406,95 @@ def delta_se(
         l = torch.where(s > 0, (x - p)**2 / (2*s).clamp_min(1e-30), 0.).reshape(T, x.shape[1], -1).mean(-1)
     else: raise ValueError(f"No score {name!r}")
     return l.std(0)/math.sqrt(T)
+
+# %% ../nbs/20_uncertainty.ipynb #3737046f
+SEG_MAPS = ('entropy_map','expected_entropy_map','mi_map','conf_map')
+
+class SegStats:
+    "Running per-pixel statistics of segmentation passes fed in chunks t×B×C×H×W: compact maps and per-image scores"
+    def __init__(self,
+        kind:OutputKind, # A spatial softmax kind (`kind.spatial`)
+        keep_samples:bool=False, # Also keep every pass (T×B×C×H×W: large)
+        keep_probs:bool=False, # Keep the per-pixel mean probabilities (B×C×H×W, float16) in the result's `mean`
+        area_mi:float=0.1, # `uncertain_area`: share of pixels whose mutual information is at least this (nats)
+    ):
+        store_attr()
+        self.count,self.s1,self.m2,self.sum_ent,self.votes,self.samples = None,None,None,None,None,[]
+        self.view_ent,self.n_views = None,0
+        self.transient = () if keep_probs else ('mean',)   # in `result()` for the batch's loss, not kept per item
+
+    @property
+    def n(self) -> int: return 0 if self.count is None else int(self.count.max())
+
+    def _init(self, chunk):
+        if chunk.ndim < 4:
+            raise ValueError(f"Per-pixel (segmentation) passes are t×B×C×H×W; got t×B×C ({tuple(chunk.shape)}): the loss "
+                             "takes its classes on dim 1 but the outputs have no pixels. Pass kind='softmax' for one class per item")
+        z = partial(torch.zeros, device=chunk.device)
+        self.count = torch.zeros(chunk.shape[1], dtype=torch.long, device=chunk.device)
+        self.s1,self.m2,self.votes = z(chunk.shape[1:]),z(chunk.shape[1:]),z(chunk.shape[1:])
+        self.sum_ent = z(chunk.shape[1], *chunk.shape[3:])
+
+    def update(self,
+        chunk:Tensor, # Per-pixel probabilities of t passes, t×B×C×H×W
+        idx:Tensor|None=None, # Must be None: every pass covers the whole batch
+    ):
+        "Add a chunk of passes"
+        if idx is not None:
+            raise ValueError("Segmentation passes cover whole batches: n='auto' (passes per item) is for one result per "
+                             "item; pass a fixed n, e.g. `learn.mc_predict(dl, n=20)`")
+        p = chunk.float()
+        if self.count is None: self._init(p)
+        t,c = p.shape[0],self.count[0].item()
+        cm = p.mean(0)
+        mean = self.s1/max(c, 1)
+        self.m2 += ((p - cm)**2).sum(0) + (cm - mean)**2 * (c*t/(c+t))   # Welford's merge: exact spread per pixel
+        self.s1 += p.sum(0)
+        self.sum_ent += torch.special.entr(p).sum(2).sum(0)
+        self.votes += F.one_hot(p.argmax(2), p.shape[2]).sum(0).movedim(-1, 1).float()
+        if self.keep_samples: self.samples.append(chunk)
+        self.count += t
+        return self
+
+    def merge_view(self,
+        view:SegStats, # The statistics of one test-time view of the same batch, mapped back to the original pixels
+    ):
+        "Add one view's passes, keeping the entropy of the view's own mean for the augmentation/model split"
+        if view.count is None: raise ValueError("The view has no passes: `update` it first")
+        if self.count is None:
+            z = torch.zeros_like
+            self.count,self.s1,self.m2,self.votes,self.sum_ent = z(view.count),z(view.s1),z(view.s1),z(view.s1),z(view.sum_ent)
+            self.view_ent = z(view.sum_ent)
+        c,t = self.count[0].item(),view.count[0].item()
+        d = view.s1/t - self.s1/max(c, 1)
+        self.m2 += view.m2 + d**2 * (c*t/(c+t))
+        self.s1 += view.s1; self.sum_ent += view.sum_ent; self.votes += view.votes; self.count += view.count
+        self.view_ent += entropy(view.s1/t, dim=1)
+        self.n_views += 1
+        if self.keep_samples: self.samples += view.samples
+        return self
+
+    def result(self,
+        se:bool=False, # Standard errors: not kept for segmentation (asking raises)
+    ) -> dict:
+        "Per item: `decoded` mask, float16 maps `SEG_MAPS`, per-image scores, `mean` (per-pixel probabilities: `transient`)"
+        if se: raise ValueError("Segmentation results have no Monte Carlo standard errors yet: compare two seeds instead")
+        if self.count is None: raise ValueError("No passes yet: `update` first")
+        n = self.count[0].item()
+        mean = self.s1/n
+        h,eh = entropy(mean, dim=1),self.sum_ent/n
+        mi,conf = (h - eh).clamp_min(0),mean.max(1)[0]
+        vr = 1 - self.votes.max(1)[0]/n
+        img = lambda m: m.flatten(1).mean(1)
+        res = dict(entropy=img(h), expected_entropy=img(eh), mutual_info=img(mi), variation_ratio=img(vr),
+                   max_prob=1 - img(conf), std=(self.m2/n).sqrt().flatten(1).mean(1),
+                   mi_p95=mi.flatten(1).quantile(0.95, dim=1), uncertain_area=img((mi >= self.area_mi).float()),
+                   decoded=mean.argmax(1).to(torch.uint8 if mean.shape[1] <= 256 else torch.long),
+                   entropy_map=h.half(), expected_entropy_map=eh.half(), mi_map=mi.half(), conf_map=conf.half(),
+                   n_used=self.count.clone())
+        if self.n_views:
+            vh = self.view_ent/self.n_views
+            res.update(aug_info=img(h - vh), model_info=img(vh - eh), aug_map=(h - vh).half(), model_map=(vh - eh).half())
+        res['mean'] = mean     # the batch's loss needs it; kept in the result only with `keep_probs` (see `transient`)
+        if self.keep_samples: res['samples'] = torch.cat(self.samples)
+        return res

@@ -31,3 +31,20 @@ def random_splits(n, n_cal, k, seed=0):
     for _ in range(k):
         p = torch.randperm(n, generator=g)
         yield p[:n_cal], p[n_cal:]
+
+def seg_dls(df, bs=32):
+    "Segmentation `DataLoaders` of the canvases `mnist_segmentation` wrote: greyscale images, masks with `SEG_CODES`"
+    from fastai_bayes.datasets import SEG_CODES
+    p = df.attrs['path']
+    db = DataBlock(blocks=(ImageBlock(cls=PILImageBW), MaskBlock(SEG_CODES)), get_x=ColReader('fname', pref=p),
+                   get_y=ColReader('mask', pref=p), splitter=ColSplitter('is_valid'))
+    return db.dataloaders(df, bs=bs, num_workers=0)
+
+def seg_learner(n=1500, size=40, max_digits=1, epochs=25):
+    "A `unet_learner` (small encoder, decoder dropout) trained on digit canvases, and their DataFrame"
+    from fastai_bayes.all import mnist_segmentation, small_encoder, add_dropout
+    df = mnist_segmentation(n, size=size, max_digits=max_digits)
+    w = torch.tensor([0.1] + [1.]*10)      # background is most pixels: weigh the digits up, or identities come slowly
+    learn = unet_learner(seg_dls(df), small_encoder, pretrained=False, n_in=1, loss_func=CrossEntropyLossFlat(axis=1, weight=w))
+    add_dropout(learn, p=0.2)
+    return fit_quietly(learn, epochs, 1e-2),df

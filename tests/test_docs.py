@@ -57,7 +57,7 @@ def test_api_page_signatures_and_argument_tables(site):
     assert [c.get_text().strip() for c in tbl.find_all('th')] == ['Argument', 'Type', 'Default', 'Details']
     assert rows['refer'][1:] == ['None', 'Refer this fraction of the inputs, the most uncertain (a fixed share)']
     assert rows['refer'][0].replace(' ', '') == 'float|None' and rows['risk'][1] == 'None'
-    assert rows['learn'][0] == 'Learner | str | Path' and rows['Returns'][0] == 'pd.DataFrame'
+    assert rows['learn'][0] == 'Learner | str | Path' and rows['Returns'][0].replace(' ', '') == 'pd.DataFrame|None'
     # a patched method is documented under its class, the item-text function on its own page
     assert 'Learner.mc_predict' in main_text(site/'api'/'predictions.html')
     items = main_text(site/'api'/'items.html')

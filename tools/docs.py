@@ -12,7 +12,7 @@ from pathlib import Path
 
 root = Path(__file__).resolve().parent.parent
 NBS = root/'nbs'
-TUTORIAL_ORDER = ['tutorial_vision', 'tutorial_text', 'tutorial_tabular', 'tutorial_regression']
+TUTORIAL_ORDER = ['tutorial_vision', 'tutorial_text', 'tutorial_tabular', 'tutorial_regression', 'tutorial_segmentation']
 _re_dir = re.compile(r'^\s*#\|\s*([\w-]+):?\s*(.*?)\s*$')
 
 def directives(src:str) -> tuple:
