@@ -84,7 +84,7 @@ def text(device):
     return 'text_classifier_learner AWD-LSTM (emb 200, hid 400, 2 layers), Rotten Tomatoes', learn, dls.valid
 
 def _unet(device, where):
-    df = mnist_segmentation(800, seed=0)
+    df = mnist_segmentation(400, seed=0)
     p = df.attrs['path']
     db = DataBlock(blocks=(ImageBlock(cls=PILImageBW), MaskBlock(SEG_CODES)), get_x=ColReader('fname', pref=p),
                    get_y=ColReader('mask', pref=p), splitter=ColSplitter('is_valid'))

@@ -75,15 +75,20 @@ def test_auto_agrees_with_n500_reference(learn, dl):
     ceiling = agree(learn.mc_predict(dl, n=500, seed=2))  # the reference's own reproducibility: another n=500 run
     ra = learn.mc_predict(dl, n='auto', threshold=thr, tol=1e-6, max_n=500, seed=1)
     used = ra.n_used.float()
-    # 99%, or within a point of the reference's own reproducibility where that is lower, with a fifth of its passes
-    assert agree(ra) >= min(0.99, ceiling - 0.01) and used.mean() <= 100, (agree(ra), ceiling, used.mean())
+    # 99%, or within two points of the reference's own reproducibility where that is lower (one item is 0.17 points;
+    # runs on this machine differ by an item or two), with a fifth of its passes
+    assert agree(ra) >= min(0.99, ceiling - 0.02) and used.mean() <= 100, (agree(ra), ceiling, used.mean())
     assert len(ra.n_used.unique()) > 3 and ra.n_used.min() == 10 and ra.n == ra.n_used.max()
     # the borderline items got the passes: the 5% nearest the threshold against the half farthest from it
     dist = (ref.mutual_info - thr).abs()
     near, far = dist <= dist.quantile(0.05), dist >= dist.quantile(0.5)
     assert used[near].mean() > 4 * used[far].mean()
-    # a fixed n with the same mean budget agrees no better
-    assert agree(learn.mc_predict(dl, n=int(used.mean().round()), seed=1)) <= agree(ra)
+    # a fixed n with the same mean budget agrees no better: averaged over 3 seeds each (one run of each differs by a few
+    # items either way: a single comparison failed in CI at 0.983 against 0.978)
+    budget = int(used.mean().round())
+    fixed = [agree(learn.mc_predict(dl, n=budget, seed=s)) for s in (1, 2, 3)]
+    autos = [agree(ra)] + [agree(learn.mc_predict(dl, n='auto', threshold=thr, tol=1e-6, max_n=500, seed=s)) for s in (2, 3)]
+    assert sum(fixed) <= sum(autos), (fixed, autos)
 
 def test_auto_settles_each_score_within_tol(learn, dl):
     ra = learn.mc_predict(dl, n='auto', score='entropy', tol=0.04, max_n=150, seed=2)
