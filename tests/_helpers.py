@@ -13,17 +13,19 @@ def mnist_dls(n=600, seed=0, bs=64):
     "`ImageDataLoaders` of `n` MNIST digits (the PNG files `mnist_sample` writes once), 20% of them for validation"
     from fastai_bayes.datasets import mnist_sample
     df = mnist_sample(n, seed=seed)
-    return ImageDataLoaders.from_df(df, df.attrs['path'], fn_col='fname', label_col='label', valid_col='is_valid',
-                                    bs=bs, num_workers=0)
+    with no_random(seed):   # a DataLoader seeds its shuffle from the global random state: whatever ran before must not matter
+        return ImageDataLoaders.from_df(df, df.attrs['path'], fn_col='fname', label_col='label', valid_col='is_valid',
+                                        bs=bs, num_workers=0)
 
 def adult_dls(n=800, seed=0, bs=128):
     "`TabularDataLoaders` of `n` Adult census rows (target `loan`), validation rows as `adult_census` marks them"
     from fastai.tabular.all import TabularDataLoaders, Categorify, FillMissing, Normalize
     from fastai_bayes.datasets import adult_census
     df = adult_census(n, seed=seed)
-    return TabularDataLoaders.from_df(df, y_names='loan', cat_names=df.attrs['cat_names'], cont_names=df.attrs['cont_names'],
-                                      procs=[Categorify, FillMissing, Normalize], valid_idx=list(df.index[df.is_valid]),
-                                      bs=bs, num_workers=0)
+    with no_random(seed):
+        return TabularDataLoaders.from_df(df, y_names='loan', cat_names=df.attrs['cat_names'], cont_names=df.attrs['cont_names'],
+                                          procs=[Categorify, FillMissing, Normalize], valid_idx=list(df.index[df.is_valid]),
+                                          bs=bs, num_workers=0)
 
 def random_splits(n, n_cal, k, seed=0):
     "`k` random (calibration, test) index splits of `n` items, `n_cal` to calibrate, from a seeded generator"
@@ -38,7 +40,7 @@ def seg_dls(df, bs=32):
     p = df.attrs['path']
     db = DataBlock(blocks=(ImageBlock(cls=PILImageBW), MaskBlock(SEG_CODES)), get_x=ColReader('fname', pref=p),
                    get_y=ColReader('mask', pref=p), splitter=ColSplitter('is_valid'))
-    return db.dataloaders(df, bs=bs, num_workers=0)
+    with no_random(0): return db.dataloaders(df, bs=bs, num_workers=0)
 
 def seg_learner(n=1500, size=40, max_digits=1, epochs=25):
     "A `unet_learner` (small encoder, decoder dropout) trained on digit canvases, and their DataFrame"
