@@ -65,7 +65,7 @@ def test_sigma_to_zero_on_trained_learner(trained, dls):
     probs, _ = trained.get_preds()
     learn = Learner(dls, deepcopy(trained.model), loss_func=CrossEntropyLossFlat(), metrics=accuracy)
     learn.create_opt()
-    assert bayesianize(learn, sigma_init=1e-7) is learn
+    assert bayesianize(learn, sigma_init=1e-5) is learn   # passes vary (mc_predict checks that), within 1e-4 of the mean weights
     opt_ids = {id(p) for p in learn.opt.all_params().itemgot(0)}
     assert opt_ids == {id(p) for p in learn.model.parameters()}    # the optimizer holds the new parameters
     assert torch.allclose(learn.get_preds()[0], probs, atol=1e-5)
