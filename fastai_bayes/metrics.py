@@ -48,13 +48,16 @@ def _top_label(p, y, bern):
         hit = pred == y
     return conf.flatten(),hit.flatten().double()
 
-# %% ../nbs/50_metrics.ipynb #d76160f3
+# %% ../nbs/50_metrics.ipynb #fe88b0db
 class Reliability(NamedTuple):
     "Per-bin mean confidence, accuracy and item count, with the `n_bins+1` bin edges"
     conf:Tensor
     acc:Tensor
     count:Tensor
     edges:Tensor
+    def ece(self) -> Tensor:
+        "The count-weighted mean of |accuracy − confidence| over the bins"
+        return torch.where(self.count > 0, self.count*(self.acc - self.conf).abs(), 0.).sum() / self.count.sum()
 
 def _bins(conf, hit, n_bins=15, adaptive=False) -> Reliability:
     "Group `conf` (float64) into `n_bins` bins and average `conf` and `hit` in each"
@@ -89,7 +92,7 @@ def reliability_data(
     p,y,bern = _probs_targs(probs, targs)
     return _bins(*_top_label(p, y, bern), n_bins=n_bins, adaptive=adaptive)
 
-# %% ../nbs/50_metrics.ipynb #b3429f07
+# %% ../nbs/50_metrics.ipynb #a9ca6917
 def expected_calibration_error(
     probs, # (N, C) softmax probabilities; or (N,)/(N, L) Bernoulli probabilities
     targs, # (N,) or (N, 1) class indices; or binary targets shaped like `probs`
@@ -97,9 +100,7 @@ def expected_calibration_error(
     adaptive:bool=False, # Equal-mass bins instead of equal-width ones
 ) -> Tensor:
     "ECE: bin-weighted mean of |accuracy - confidence| of the top-label predictions"
-    rel = reliability_data(probs, targs, n_bins=n_bins, adaptive=adaptive)
-    gap = (rel.acc - rel.conf).abs()
-    return torch.where(rel.count > 0, rel.count*gap, 0.).sum() / rel.count.sum()
+    return reliability_data(probs, targs, n_bins=n_bins, adaptive=adaptive).ece()
 
 def max_calibration_error(
     probs, # (N, C) softmax probabilities; or (N,)/(N, L) Bernoulli probabilities
@@ -111,7 +112,7 @@ def max_calibration_error(
     rel = reliability_data(probs, targs, n_bins=n_bins, adaptive=adaptive)
     return (rel.acc - rel.conf).abs()[rel.count > 0].max()
 
-# %% ../nbs/50_metrics.ipynb #9a3f619a
+# %% ../nbs/50_metrics.ipynb #aaa00c2c
 def classwise_ece(
     probs, # (N, C) softmax probabilities; or (N,)/(N, L) Bernoulli probabilities
     targs, # (N,) or (N, 1) class indices; or binary targets shaped like `probs`
@@ -122,11 +123,7 @@ def classwise_ece(
     p,y,bern = _probs_targs(probs, targs)
     if bern: p,y = p.reshape(len(p), -1),y.reshape(len(y), -1)
     else: y = F.one_hot(y, p.shape[1]).double()
-    eces = []
-    for c in range(p.shape[1]):
-        rel = _bins(p[:,c], y[:,c], n_bins=n_bins, adaptive=adaptive)
-        eces.append(torch.where(rel.count > 0, rel.count*(rel.acc-rel.conf).abs(), 0.).sum() / len(p))
-    return torch.stack(eces).mean()
+    return torch.stack([_bins(p[:,c], y[:,c], n_bins=n_bins, adaptive=adaptive).ece() for c in range(p.shape[1])]).mean()
 
 # %% ../nbs/50_metrics.ipynb #5881dc5c
 def brier_score(

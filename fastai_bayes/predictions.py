@@ -187,7 +187,7 @@ def __getitem__(self:MCPredictions, idx) -> MCPredictions:
         setattr(new, k, take(v, 1 if k == 'samples' else 0))
     return new
 
-# %% ../nbs/45_predictions.ipynb #a0299c9d
+# %% ../nbs/45_predictions.ipynb #4ee780cf
 def _vocab(dls):
     try: v = dls.vocab
     except Exception: return None
@@ -233,10 +233,9 @@ def _one_pass(learn, smp, dl, with_samples, seed, with_input, with_decoded, with
         st = {k: v[:,o] if k=='samples' else v[o] for k,v in st.items()}
         inputs,targs,losses = nested_reorder((inputs,targs,losses), o)
     seg = smp.kind.spatial
-    if seg: decoded,mean,std = st.pop('decoded'),(st.pop('mean').half() if 'mean' in st else None),st.pop('std')
-    else: decoded,mean,std = None,st.pop('mean'),st.pop('std')
-    if with_decoded and not seg: decoded = getcallable(learn.loss_func, 'decodes')(mean)
-    if not with_decoded: decoded = None
+    mask,mean,std = st.pop('decoded', None),st.pop('mean', None),st.pop('std')   # a segmentation's mean: only with_probs
+    if seg and mean is not None: mean = mean.half()
+    decoded = None if not with_decoded else mask if seg else getcallable(learn.loss_func, 'decodes')(mean)
     if smp.kind.name == 'softmax' and not seg and isinstance(targs, Tensor) and targs.ndim == 2 and targs.shape[1] == 1:
         targs = targs.flatten().long()   # tabular class targets come as N×1 small ints: one class index per item
     if seg and isinstance(targs, Tensor): targs = plain_tensor(targs)
@@ -261,22 +260,23 @@ def _tta_views(learn, smp, sampler_fn, dl, k, with_samples, seed, with_input, wi
         raise ValueError("tta draws its views with the training augmentations, and this DataLoader has none: build the "
                          "DataLoaders with e.g. `item_tfms=RandomResizedCrop(28, min_scale=0.8)` or `batch_tfms=aug_transforms()`, "
                          "or leave tta out")
-    rs = []
+    kind,acc,first,vh = smp.kind,None,None,0.
     with dl.dataset.set_split_idx(0):
         for a in range(k):
             with (no_random(seed + a) if seed is not None else contextlib.nullcontext()):
-                rs.append(_one_pass(learn, smp if a == 0 else sampler_fn(), dl, True, None, with_input and a == 0,
-                                    False, False, reorder))
-    kind,n = smp.kind,rs[0].n
-    S = torch.cat([r.samples for r in rs])                     # (k·n)×N×C: the views' passes in blocks of n
-    st = MCStats(kind, groups=k, group_size=n).update(S).result()
+                r = _one_pass(learn, smp if a == 0 else sampler_fn(), dl, True, None, with_input and a == 0, False, False, reorder)
+            # each view's n passes go into the running statistics as one group, then are let go: one view's passes in memory
+            acc = ifnone(acc, MCStats(kind, keep_samples=with_samples, groups=k, group_size=r.n)).update(r.samples)
+            vh = vh + item_score(dict(entropy=kind.entropy(r.mean)), 'entropy', kind)/k
+            first,r = ifnone(first, (r.n, r.targs, r.inputs, r.vocab)),None
+    n,targs,inputs,vocab = first
+    st = acc.result()
     h,eh = item_score(st, 'entropy', kind),item_score(st, 'expected_entropy', kind)
-    vh = torch.stack([item_score(dict(entropy=kind.entropy(r.mean)), 'entropy', kind) for r in rs]).mean(0)
     ses = {k[3:]: st.pop(k) for k in list(st) if k.startswith('se_')}
     decoded = getcallable(learn.loss_func, 'decodes')(st['mean']) if with_decoded else None
     st.pop('n_used')
-    return MCPredictions(kind.name, k*n, targs=rs[0].targs, decoded=decoded, inputs=rs[0].inputs, vocab=rs[0].vocab,
-                         method=f"{smp.method} × {k} views", n_per_member=n, ses=ses, samples=S if with_samples else None,
+    return MCPredictions(kind.name, k*n, targs=targs, decoded=decoded, inputs=inputs, vocab=vocab,
+                         method=f"{smp.method} × {k} views", n_per_member=n, ses=ses, samples=st.pop('samples', None),
                          extra=dict(aug_info=h - vh, model_info=vh - eh), **st)
 
 def sampled_predictions(

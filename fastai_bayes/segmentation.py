@@ -20,7 +20,7 @@ def small_encoder(pretrained:bool=False, **kwargs):
     return nn.Sequential(ConvLayer(3, 16, stride=2), ConvLayer(16, 32, stride=2), ConvLayer(32, 64, stride=2),
                          ConvLayer(64, 64), nn.AdaptiveAvgPool2d(1))
 
-# %% ../nbs/53_segmentation.ipynb #720fc02a
+# %% ../nbs/53_segmentation.ipynb #89d26869
 def _pixels(res:MCPredictions, ignore_background:bool=False, background:int=0):
     "Confidence and correctness of every labelled pixel of a segmentation result"
     if res.kind != 'segmentation': raise ValueError(f"This is a {res.kind!r} result; per-pixel measures need a segmentation (`unet_learner`) result")
@@ -43,8 +43,7 @@ def pixel_ece(
     ignore_background:bool=False, # Only the pixels predicted or labelled as an object (class != 0)
 ) -> Tensor:
     "Expected calibration error over pixels: the pixel-weighted mean of |accuracy − confidence| over the bins"
-    rel = pixel_reliability(res, n_bins, ignore_background)
-    return torch.where(rel.count > 0, rel.count*(rel.acc - rel.conf).abs(), 0.).sum() / rel.count.sum()
+    return pixel_reliability(res, n_bins, ignore_background).ece()
 
 # %% ../nbs/53_segmentation.ipynb #9590379b
 def region_mean(

@@ -407,7 +407,7 @@ def delta_se(
     else: raise ValueError(f"No score {name!r}")
     return l.std(0)/math.sqrt(T)
 
-# %% ../nbs/20_uncertainty.ipynb #3737046f
+# %% ../nbs/20_uncertainty.ipynb #eb855d28
 SEG_MAPS = ('entropy_map','expected_entropy_map','mi_map','conf_map')
 
 class SegStats:
@@ -449,9 +449,12 @@ class SegStats:
         cm = p.mean(0)
         mean = self.s1/max(c, 1)
         self.m2 += ((p - cm)**2).sum(0) + (cm - mean)**2 * (c*t/(c+t))   # Welford's merge: exact spread per pixel
-        self.s1 += p.sum(0)
+        self.s1 += cm*t
         self.sum_ent += torch.special.entr(p).sum(2).sum(0)
-        self.votes += F.one_hot(p.argmax(2), p.shape[2]).sum(0).movedim(-1, 1).float()
+        # each pass's class per pixel (B×t×H×W), counted in place. On CPU `max(2).indices` is ~5× faster than `argmax(2)`
+        # over a dim that is not the last; both give the first of tied classes
+        top = p.max(2).indices.transpose(0, 1)
+        self.votes.scatter_add_(1, top, self.votes.new_ones(()).expand(top.shape))
         if self.keep_samples: self.samples.append(chunk)
         self.count += t
         return self
@@ -483,13 +486,13 @@ class SegStats:
         n = self.count[0].item()
         mean = self.s1/n
         h,eh = entropy(mean, dim=1),self.sum_ent/n
-        mi,conf = (h - eh).clamp_min(0),mean.max(1)[0]
+        mi,(conf,top) = (h - eh).clamp_min(0),mean.max(1)
         vr = 1 - self.votes.max(1)[0]/n
         img = lambda m: m.flatten(1).mean(1)
         res = dict(entropy=img(h), expected_entropy=img(eh), mutual_info=img(mi), variation_ratio=img(vr),
                    max_prob=1 - img(conf), std=(self.m2/n).sqrt().flatten(1).mean(1),
                    mi_p95=mi.flatten(1).quantile(0.95, dim=1), uncertain_area=img((mi >= self.area_mi).float()),
-                   decoded=mean.argmax(1).to(torch.uint8 if mean.shape[1] <= 256 else torch.long),
+                   decoded=top.to(torch.uint8 if mean.shape[1] <= 256 else torch.long),
                    entropy_map=h.half(), expected_entropy_map=eh.half(), mi_map=mi.half(), conf_map=conf.half(),
                    n_used=self.count.clone())
         if self.n_views:

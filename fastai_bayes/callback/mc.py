@@ -12,7 +12,7 @@ from ..sampling import *
 # %% auto #0
 __all__ = ['SamplingCallback', 'MCDropoutCallback']
 
-# %% ../../nbs/40_callback.mc.ipynb #9b633791
+# %% ../../nbs/40_callback.mc.ipynb #6a4c288a
 class _MCForward:
     "Stands in for `learn.model` during one forward: restores it, then returns the MC prediction"
     def __init__(self, cb): self.cb = cb
@@ -26,9 +26,11 @@ class _MCForward:
                                "from this learner's data, e.g. `dl = learn.dls.test_dl(items)`.") from e
         res = stats.result()
         if cb.gather:   # what the result keeps; per-batch-only statistics (a segmentation's per-pixel mean) feed the loss only
-            keep = {k: v.transpose(0, 1) if k == 'samples' else v for k,v in res.items() if k not in getattr(stats, 'transient', ())}
-            # items first for `to_detach`, which under a distributed loader gathers the ranks' batches along dim 0
-            cb.gathered.append({k: v.transpose(0, 1) if k == 'samples' else v for k,v in cb.learn.to_detach(keep).items()})
+            keep = {k: v for k,v in res.items() if k not in getattr(stats, 'transient', ())}
+            # passes (T×B×...) items first for `to_detach`, which under a distributed loader gathers the ranks' batches
+            # along dim 0, and back (transposes are views: nothing is copied)
+            swap = lambda d: {k: v.transpose(0, 1) if k == 'samples' else v for k,v in d.items()}
+            cb.gathered.append(swap(cb.learn.to_detach(swap(keep))))
         pred = cb.sampler.kind.inv(res['mean'])
         return (pred, *first[1:]) if isinstance(first, (tuple,list)) else pred
 
