@@ -285,7 +285,7 @@ def triage_df(
                                   at_max=int((res.n_used >= res.auto.max_n).sum()), max_n=res.auto.max_n)
     return df
 
-# %% ../nbs/95_triage.ipynb #d77489a9
+# %% ../nbs/95_triage.ipynb #1ab83203
 def _auto_opts(learn, rule, score, auto:bool) -> dict:
     "n='auto': the score that must be settled, and the fitted threshold its side of which decides"
     if not auto: return {}
@@ -306,9 +306,12 @@ def _on_launcher_gpu(learn:Learner):
         torch.cuda.set_device(dev)
         learn.dls.to(dev); learn.model.to(dev)
 
-def _write_report(df:pd.DataFrame, out:Path, files, skipped:list, inputs, rule, calibrate_on):
-    plots = {'Uncertainty scores': figure_png(plot_triage_scores(df)), 'Predictions': figure_png(plot_triage_preds(df))}
-    if files: plots['Most uncertain inputs'] = figure_png(plot_triage_images(df, files))
+def _write_report(df:pd.DataFrame, out:Path, files, skipped:list, inputs, rule, calibrate_on, maps:bytes|None=None):
+    plots = {'Uncertainty scores': figure_png(plot_triage_scores(df))}
+    if any(c == 'pred' or c.startswith('mean') for c in df.columns):   # a segmentation predicts a mask: shown in the maps
+        plots['Predictions'] = figure_png(plot_triage_preds(df))
+    if maps is not None: plots['Uncertainty maps'] = maps
+    elif files: plots['Most uncertain inputs'] = figure_png(plot_triage_images(df, files))
     for t,png in plots.items(): (out/(t.lower().replace(' ', '_') + '.png')).write_bytes(png)
     if calibrate_on is not None: torch.save(rule, out/'referral.pkl')   # the fitted rule, for `learn.referral`
     if skipped: pd.DataFrame(skipped, columns=['item','reason']).to_csv(out/'skipped.csv', index=False)
@@ -357,7 +360,8 @@ def triage(
     if out is not None and rank_distrib() == 0:   # one process writes
         out = Path(out); out.mkdir(parents=True, exist_ok=True)
         _write_atomic(out/'triage.csv', partial(df.to_csv, index=False))
-        _write_report(df, out, items if learner_input(learn) == 'image' else None, skipped, inputs, rule, calibrate_on)
+        maps = figure_png(plot_triage_maps(df, res, dl)) if res.kind == 'segmentation' else None
+        _write_report(df, out, items if learner_input(learn) == 'image' else None, skipped, inputs, rule, calibrate_on, maps)
     return df
 
 # %% ../nbs/95_triage.ipynb #2e19e4ab

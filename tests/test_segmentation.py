@@ -119,3 +119,30 @@ def test_tta_classification_parts_match_independent_views():
     assert torch.equal(again.probs, res.probs)
     plain = fit_quietly(vision_learner(mnist_dls(300), tiny_cnn, pretrained=False, ps=0.3))
     with pytest.raises(ValueError, match='training augmentations'): plain.mc_predict(n=3, tta=2)
+
+def test_triage_on_a_unet(seg, tmp_path):
+    "Triage of a folder of canvases with an exported U-Net: per-image scores as mc_predict gives them, the most uncertain referred, their maps in the report"
+    import shutil
+    from fastai_bayes.triage import triage
+    learn, df = seg
+    folder = tmp_path/'in'; folder.mkdir()
+    for f in df.fname[df.is_valid].iloc[:24]: shutil.copy(Path(df.attrs['path'])/f, folder/Path(f).name)
+    (folder/'broken.png').write_bytes(b'not an image')
+    learn.export(tmp_path/'unet.pkl')
+    t = triage(tmp_path/'unet.pkl', folder, n=4, refer=0.25, out=tmp_path/'out', progress=False)
+    assert len(t) == 24 and 'pred' not in t and {'mutual_info', 'mi_p95', 'uncertain_area'} <= set(t.columns)
+    assert t.attrs['skipped'][0][0] == 'broken.png'
+    files = [folder/i for i in t['item']]
+    ref = learn.mc_predict(learn.dls.test_dl(files), n=4, seed=42)
+    np.testing.assert_allclose(t.mutual_info, ref.mutual_info.numpy(), rtol=1e-5, atol=1e-7)
+    assert t.refer.sum() == 6 and set(t.index[t.refer]) == set(t.mutual_info.nlargest(6).index)
+    out = tmp_path/'out'
+    html = (out/'report.html').read_text()
+    assert 'Uncertainty maps' in html and 'What the model predicted' not in html and (out/'uncertainty_maps.png').read_bytes()[:4] == b'\x89PNG'
+    # the maps: worst first, one row each, named, the referred ones in orange
+    fig = plot_triage_maps(t, ref, learn.dls.test_dl(files), k=8)
+    rows = [a for a in fig.axes if a.get_ylabel()]
+    order = t.mutual_info.sort_values(ascending=False, kind='stable').index[:8]
+    assert [a.get_ylabel().split('\n')[0] for a in rows] == list(t.item[order])
+    assert [a.yaxis.label.get_color() for a in rows] == ['tab:orange']*6 + ['k']*2
+    plt.close('all')
