@@ -1,4 +1,5 @@
 "Segmentation (#20): per-pixel maps from a real `unet_learner`, OOD silhouettes, memory per item, TTA × MC parts"
+from copy import deepcopy as _deepcopy
 import numpy as np, pytest, torch
 import fastai.torch_core
 from fastai.vision.all import *
@@ -146,3 +147,44 @@ def test_triage_on_a_unet(seg, tmp_path):
     assert [a.get_ylabel().split('\n')[0] for a in rows] == list(t.item[order])
     assert [a.yaxis.label.get_color() for a in rows] == ['tab:orange']*6 + ['k']*2
     plt.close('all')
+
+def test_ensemble_of_unets_equals_its_members(seg):
+    "An ensemble of two U-Nets (one forward each, dropout off): maps and scores equal those of the members' averaged softmax"
+    learn, _ = seg
+    other = Learner(learn.dls, _deepcopy(learn.model), loss_func=learn.loss_func)
+    with torch.no_grad():
+        for p in other.model.parameters(): p.add_(0.05*torch.randn_like(p))
+    dl = learn.dls.valid.new(shuffle=False)
+    res = Ensemble([learn, other]).mc_predict(dl, n=1, with_probs=True)
+    assert res.kind == 'segmentation' and res.n == 2 and res.method == 'deep ensemble'
+    xb, _ = dl.one_batch()
+    with torch.no_grad():
+        ps = torch.stack([F.softmax(m.eval()(xb).float(), 1) for m in (learn.model, other.model)])   # 2×B×C×H×W
+    B, mean = len(xb), ps.mean(0)
+    h, eh = torch.special.entr(mean).sum(1), torch.special.entr(ps).sum(2).mean(0)
+    r = res[torch.arange(B)]
+    torch.testing.assert_close(r.probs.float(), mean, atol=2e-3, rtol=0)                      # float16 probabilities
+    torch.testing.assert_close(r.entropy_map.float(), h, atol=5e-3, rtol=5e-3)
+    torch.testing.assert_close(r.mi_map.float(), (h - eh).clamp_min(0), atol=2e-3, rtol=1e-2)
+    torch.testing.assert_close(r.mutual_info, (h - eh).clamp_min(0).flatten(1).mean(1), atol=1e-5, rtol=1e-4)
+    assert torch.equal(r.decoded.long(), mean.argmax(1))
+    assert r.mutual_info.mean() > 1e-4   # the members differ, so there is something to check
+
+def test_variational_unet_equals_a_hand_loop(seg):
+    "bayesianize on a U-Net (every conv samples its weights, decoder dropout too): the maps equal full forwards run by hand"
+    learn, _ = seg
+    vl = bayesianize(Learner(learn.dls, _deepcopy(learn.model), loss_func=learn.loss_func), sigma_init=0.02)
+    dl = learn.dls.valid.new(shuffle=False)
+    xb, _ = dl.one_batch()
+    res = vl.mc_predict(dl, n=4, seed=3, max_bs=dl.bs)   # one pass per forward, as the hand loop
+    assert res.kind == 'segmentation' and 'variational' in res.method
+    torch.manual_seed(3)
+    torch.empty((), dtype=torch.int64).random_()          # iterating a DataLoader draws torch's base seed first
+    with torch.no_grad(), mc_dropout(vl.model):
+        ps = torch.stack([F.softmax(vl.model(xb).float(), 1) for _ in range(4)])
+    B, mean = len(xb), ps.mean(0)
+    h, eh = torch.special.entr(mean).sum(1), torch.special.entr(ps).sum(2).mean(0)
+    r = res[torch.arange(B)]
+    torch.testing.assert_close(r.mi_map.float(), (h - eh).clamp_min(0), atol=2e-3, rtol=1e-2)
+    torch.testing.assert_close(r.mutual_info, (h - eh).clamp_min(0).flatten(1).mean(1), atol=1e-5, rtol=1e-4)
+    assert torch.equal(r.decoded.long(), mean.argmax(1)) and r.mutual_info.mean() > 1e-4
