@@ -118,7 +118,7 @@ class MCPredictions:
             self.ses = {k[3:]: v for k,v in MCStats(self.kind).update(self.samples).result().items() if k.startswith('se_')}
         return self.ses[key]
 
-# %% ../nbs/45_predictions.ipynb #99760e16
+# %% ../nbs/45_predictions.ipynb #52493c28
 @patch
 def to_df(self:MCPredictions,
     se:bool=False, # Add the Monte Carlo standard error of every score (columns `{name}_se`)
@@ -132,15 +132,12 @@ def to_df(self:MCPredictions,
             return [';'.join(v for v,on in zip(self.vocab, row) if on) for row in t.bool()]
         return t.tolist() if t.ndim > 1 else t.numpy()
     d = {}
+    if self.targs is not None and self.kind!='segmentation': d['target'] = names(self.targs)
     if self.kind=='segmentation':
         if se: self.se()   # raises: no standard errors for segmentation
         if self.targs is not None: d['pixel_acc'] = (self.decoded.long() == self.targs.long()).flatten(1).float().mean(1).numpy()
         for k in scores_for('segmentation'): d[k] = self.score(k).numpy()
-        for k in ('aug_info','model_info'):
-            if hasattr(self, k): d[k] = getattr(self, k).numpy()
-        return pd.DataFrame(d)
-    if self.targs is not None: d['target'] = names(self.targs)
-    if self.kind=='identity':
+    elif self.kind=='identity':
         N,mu = len(self),self.mean.reshape(len(self), -1)
         for i in range(mu.shape[1]):
             sfx = '' if self.mean[0].numel()==1 else f'_{i}'
@@ -187,7 +184,11 @@ def __getitem__(self:MCPredictions, idx) -> MCPredictions:
         setattr(new, k, take(v, 1 if k == 'samples' else 0))
     return new
 
-# %% ../nbs/45_predictions.ipynb #4ee780cf
+# %% ../nbs/45_predictions.ipynb #920ecb4c
+def _items_batch(dl:DataLoader, idxs:list) -> tuple:
+    "The batch of `dl`'s items `idxs`, read again (no model runs), on the CPU"
+    return tuple(to_cpu(dl.new(get_idxs=_ConstantFunc(list(idxs)), bs=len(idxs), shuffle=False, drop_last=False).one_batch()))
+
 def _vocab(dls):
     try: v = dls.vocab
     except Exception: return None

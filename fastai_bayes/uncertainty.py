@@ -407,7 +407,7 @@ def delta_se(
     else: raise ValueError(f"No score {name!r}")
     return l.std(0)/math.sqrt(T)
 
-# %% ../nbs/20_uncertainty.ipynb #eb855d28
+# %% ../nbs/20_uncertainty.ipynb #e96329b6
 SEG_MAPS = ('entropy_map','expected_entropy_map','mi_map','conf_map')
 
 class SegStats:
@@ -445,19 +445,21 @@ class SegStats:
                              "item; pass a fixed n, e.g. `learn.mc_predict(dl, n=20)`")
         p = chunk.float()
         if self.count is None: self._init(p)
-        t,c = p.shape[0],self.count[0].item()
-        cm = p.mean(0)
-        mean = self.s1/max(c, 1)
-        self.m2 += ((p - cm)**2).sum(0) + (cm - mean)**2 * (c*t/(c+t))   # Welford's merge: exact spread per pixel
-        self.s1 += cm*t
-        self.sum_ent += torch.special.entr(p).sum(2).sum(0)
         # each pass's class per pixel (B×t×H×W), counted in place. On CPU `max(2).indices` is ~5× faster than `argmax(2)`
         # over a dim that is not the last; both give the first of tied classes
         top = p.max(2).indices.transpose(0, 1)
         self.votes.scatter_add_(1, top, self.votes.new_ones(()).expand(top.shape))
+        cm = p.mean(0)
+        self._add(len(p), cm*len(p), ((p - cm)**2).sum(0), torch.special.entr(p).sum(2).sum(0))
         if self.keep_samples: self.samples.append(chunk)
-        self.count += t
         return self
+
+    def _add(self, t:int, s1:Tensor, m2:Tensor, sum_ent:Tensor):
+        "Merge the sums of `t` more passes: Welford's merge keeps the spread per pixel exact"
+        c = self.count[0].item()
+        d = s1/t - self.s1/max(c, 1)
+        self.m2 += m2 + d**2 * (c*t/(c+t))
+        self.s1 += s1; self.sum_ent += sum_ent; self.count += t
 
     def merge_view(self,
         view:SegStats, # The statistics of one test-time view of the same batch, mapped back to the original pixels
@@ -468,10 +470,9 @@ class SegStats:
             z = torch.zeros_like
             self.count,self.s1,self.m2,self.votes,self.sum_ent = z(view.count),z(view.s1),z(view.s1),z(view.s1),z(view.sum_ent)
             self.view_ent = z(view.sum_ent)
-        c,t = self.count[0].item(),view.count[0].item()
-        d = view.s1/t - self.s1/max(c, 1)
-        self.m2 += view.m2 + d**2 * (c*t/(c+t))
-        self.s1 += view.s1; self.sum_ent += view.sum_ent; self.votes += view.votes; self.count += view.count
+        t = view.count[0].item()
+        self._add(t, view.s1, view.m2, view.sum_ent)
+        self.votes += view.votes
         self.view_ent += entropy(view.s1/t, dim=1)
         self.n_views += 1
         if self.keep_samples: self.samples += view.samples
