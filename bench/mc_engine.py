@@ -97,10 +97,9 @@ def _unet(device, where):
 def unet(device): return _unet(device, 'decoder')
 def unet_final(device): return _unet(device, 'final')
 
-def floor(learn, dl, n):
+def floor(learn, dl, n, plan):
     "The least work n passes need: each batch read once, the prefix once, the suffix n times (one pass per forward), nothing kept"
-    plan = MCPlan(learn.model)
-    with torch.no_grad(), mc_dropout(learn.model, plan.mods):
+    with torch.no_grad(), mc_dropout(learn.model):
         for xb,_ in dl:
             args = plan.prefix((xb,))
             for _ in range(n): plan.suffix(args)
@@ -108,12 +107,15 @@ def floor(learn, dl, n):
 def bench(make, device, n, runs):
     name, learn, dl = make(device)
     dl = dl.new(shuffle=False)
+    xb = dl.one_batch()[:dl.n_inp]
+    plan = MCPlan(learn.model, xb)
     strategies = {'get_preds (1 deterministic pass)': lambda: learn.get_preds(dl=dl),
+                  'probe (MCPlan on one batch; part of mc_predict)': lambda: MCPlan(learn.model, xb),
                   f'fastai recipe ({n} x get_preds)': lambda: fastai_recipe(learn, dl, n),
                   f'mc_predict(n={n})': lambda: learn.mc_predict(dl, n=n),
                   f'mc_predict(n={n}, max_bs=1): one forward per pass': lambda: learn.mc_predict(dl, n=n, max_bs=1)}
     if isinstance(learn.model, DynamicUnet):
-        strategies[f'floor: prefix once + {n} x suffix, bare loop'] = lambda: floor(learn, dl, n)
+        strategies[f'floor: prefix once + {n} x suffix, bare loop'] = lambda: floor(learn, dl, n, plan)
         # on a CPU, mc_predict runs a per-pixel model one pass per forward (its default); tiled passes, for comparison
         strategies.pop(f'mc_predict(n={n}, max_bs=1): one forward per pass')
         strategies[f'mc_predict(n={n}, max_bs={dl.bs*n}): all passes tiled'] = lambda: learn.mc_predict(dl, n=n, max_bs=dl.bs*n)
@@ -122,7 +124,6 @@ def bench(make, device, n, runs):
     for _ in range(runs):   # interleaved, so a slow spell of the machine hits every strategy alike
         for k, f in strategies.items(): times[k].append(seconds(f, device))
     rows = {k: (statistics.median(times[k]), peak_mib(f, device)) for k, f in strategies.items()}
-    plan = MCPlan(learn.model)
     return name, rows, plan, len(dl.dataset)
 
 def main():
@@ -146,7 +147,7 @@ def main():
             fl = [v for k,v in rows.items() if k.startswith('floor')]
             if fl: print(f"|  | mc_predict / floor: {rows[f'mc_predict(n={a.n})'][0]/fl[0][0]:.2f} (target <= 1.2) | | | | |")
             print(f'|  | engine plan: {len(plan.stages) - plan.split} of {len(plan.stages)} stages per pass, '
-                  f"{'tiled' if plan.tileable else 'one forward per pass (shared masks)'} | | | | |", flush=True)
+                  f"{'tiled' if plan.tileable else 'one forward per pass (shared draws or state)'} | | | | |", flush=True)
     # memory does not grow with n: the default result keeps running sums, not n x N x C samples
     _, learn, dl = tabular(torch.device('cpu'))
     mems = {n: peak_mib(lambda: learn.mc_predict(dl, n=n, max_bs=4096), torch.device('cpu')) for n in (20, 1000)}

@@ -22,7 +22,7 @@ with learn.no_bar():
     det = median_time(lambda: learn.get_preds(dl=dl))
     now = median_time(lambda: learn.mc_predict(dl, n=n))
     orig = MCPlan.__init__
-    def tiled(self, model): orig(self, model); self.tileable = True
+    def tiled(self, model, xb): orig(self, model, xb); self.tileable = True
     MCPlan.__init__ = tiled
     try: old = median_time(lambda: learn.mc_predict(dl, n=n))
     finally: MCPlan.__init__ = orig

@@ -2,6 +2,7 @@
 from .core import *
 from .datasets import *
 from .dropout import *
+from .probe import *
 from .uncertainty import *
 from .sampling import *
 from .callback.mc import *

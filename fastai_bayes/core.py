@@ -7,7 +7,7 @@ from __future__ import annotations
 from fastai.basics import *
 
 # %% auto #0
-__all__ = ['modes_kept', 'first_output', 'tensors_in', 'batch_device', 'n_items', 'plain_tensor']
+__all__ = ['modes_kept', 'first_output', 'tensors_in', 'batch_device', 'n_items', 'map_tensors', 'plain_tensor']
 
 # %% ../nbs/05_core.ipynb #dcdfd2ac
 @contextmanager
@@ -18,7 +18,7 @@ def modes_kept(model:nn.Module):
     finally:
         for m,t in flags: m.training = t
 
-# %% ../nbs/05_core.ipynb #e32d7103
+# %% ../nbs/05_core.ipynb #4ac6399d
 def first_output(out):
     "The prediction in a model's output: the first element of a tuple or list, else `out` itself"
     return out[0] if isinstance(out, (tuple,list)) else out
@@ -38,6 +38,13 @@ def n_items(dl) -> int|None:
     n = getattr(dl, 'n', None)
     if n is None and hasattr(getattr(dl, 'dataset', None), '__len__'): n = len(dl.dataset)
     return n
+
+def map_tensors(f:Callable, x):
+    "`x` with `f` applied to every tensor in it (a tensor or nested tuples, named tuples and lists); everything else as it is"
+    if isinstance(x, Tensor): return f(x)
+    if not isinstance(x, (tuple,list)): return x
+    res = [map_tensors(f, o) for o in x]
+    return type(x)(*res) if hasattr(x, '_fields') else type(x)(res)
 
 def plain_tensor(x) -> Tensor:
     "`x` (tensor, fastai tensor subclass, numpy array or list) as a plain `Tensor`"

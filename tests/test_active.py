@@ -118,7 +118,7 @@ def test_errors(learn, pool_dl):
     with pytest.raises(TypeError, match='one DataLoader'): learn.acquire(learn.dls, 5)
     assert [m.training for m in learn.model.modules()] == flags
     with no_random(0): nodrop = vision_learner(learn.dls, tiny_cnn, pretrained=False, ps=0)
-    with pytest.raises(ValueError, match=r'needs active dropout.*ps'): nodrop.acquire(pool_dl, 5)
+    with pytest.raises(ValueError, match=r'drew no random number.*ps'): nodrop.acquire(pool_dl, 5)
     assert len(nodrop.acquire(pool_dl, 5, 'random', seed=0)) == 5
 
 def _loop(data, f, score='bald', **kw):

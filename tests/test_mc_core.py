@@ -28,7 +28,7 @@ def test_resnet18_vision_learner(mnist_dls):
     h2 = learn.model[1][-1].register_forward_hook(lambda m,i,o: calls.append(o.shape[0]))
     try: res = learn.mc_predict(learn.dls.test_dl(learn.dls.valid_ds.items.iloc[:10]), n=20, seed=0)
     finally: h1.remove(); h2.remove()
-    assert calls == ['body', 200]
+    assert calls == ['body', 2, 'body', 2, 'body'] + ['body', 200]   # the probe on two rows (MC mode, eval mode, prefix again), then 20 passes
     assert res.probs.shape == (10, 10) and (res.std.sum(1) > 0).all()
     _assert_same(before, _snapshot(learn))
 
@@ -43,16 +43,17 @@ def _assert_same(a, b):
 def _pred(out): return out[0] if isinstance(out, tuple) else out
 
 def _hand_loop(learn, dl, n):
-    "n independent forwards of the whole model per batch, dropout on (every dropout-like module), everything else eval"
+    "n independent forwards of the whole model per batch in training mode, BatchNorm in eval"
     model = learn.model.eval(); outs = []
-    mods = [o.module for o in stochastic_modules(model)]
     try:
         with torch.no_grad():
             for b in dl:
                 xb = b[:getattr(learn.dls, 'n_inp', 1)]
-                for m in mods: m.training = True
+                model.train()
+                for m in model.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm): m.eval()
                 outs.append(torch.stack([F.softmax(_pred(model(*xb)), -1) for _ in range(n)]))
-                for m in mods: m.training = False
+                model.eval()
     finally: model.eval()
     res = torch.cat(outs, 1)
     # batches come in the DataLoader's order (text: sorted by length); items back in dataset order, as get_preds does
@@ -114,12 +115,12 @@ def text_learn():
 
 def _only_shared_masks(learn):
     "Switch off every per-row dropout, leaving WeightDropout and EmbeddingDropout as the only randomness"
-    for o in stochastic_modules(learn.model):
+    for o in stochastic_modules(learn):
         if o.mask == 'element': o.module.p = 0.
 
 def test_text_passes_draw_independent_masks(text_learn):
     learn = text_learn
-    old = {o.module: o.p for o in stochastic_modules(learn.model)}
+    old = {o.module: o.p for o in stochastic_modules(learn)}
     _only_shared_masks(learn)
     try:
         dl = learn.dls.test_dl(learn.dls.valid_ds.items.iloc[:128], with_labels=True)
@@ -131,10 +132,10 @@ def test_text_passes_draw_independent_masks(text_learn):
         assert spread == pytest.approx(ref_spread, rel=0.35)    # ... and by as much as truly independent passes
         se = ((ref.var(0) + res.std**2) / n).sqrt()
         assert ((res.probs - ref.mean(0)).abs() <= 5*se + 1e-4).float().mean() > 0.99
-        assert not MCPlan(learn.model).tileable     # shared masks: one forward per pass
+        assert not MCPlan(learn.model, dl.one_batch()[:1]).tileable     # shared masks: one forward per pass
         # the test can fail: tiling replicates in one forward shares the masks and collapses the spread
         orig = MCPlan.__init__
-        def tiled(self, model): orig(self, model); self.tileable = True
+        def tiled(self, model, xb): orig(self, model, xb); self.tileable = True
         MCPlan.__init__ = tiled
         try: wrong = learn.mc_predict(dl, n=n, seed=1).std.mean().item()
         except ValueError as e:   # tiled copies share every mask: identical passes, refused by the guard

@@ -1,16 +1,19 @@
 """Model-zoo conformance suite: for every kind of model a fastai user brings, `learn.mc_predict` is right or refuses.
 
-Each row is a real fastai learner on real offline data (MNIST PNGs, Rotten Tomatoes, Adult census, diabetes). For each:
+Each row is a real fastai learner on real offline data (MNIST PNGs, Rotten Tomatoes, Adult census, diabetes), most of
+them around models someone else wrote: torchvision, timm and Hugging Face `transformers` classes built from small
+configs (no weights), torch's own `nn.Transformer`/`nn.GRU`/`nn.LSTM`, fastai's learners. For each:
  (a) SPREAD: the per-item spread across passes of `res.samples` matches an independent reference loop written here
-     (one pass per forward, every module of `REF_TYPES` in train mode and nothing else, under `torch.enable_grad()` so
-     no fused fast path can skip dropout): the ratio of the mean per-item pass variances is within 4 standard errors
-     of 1, and the test is strong enough to see a ratio of 1.5;
+     (one pass per forward under `no_grad`: `model.train()`, then every BatchNorm, and InstanceNorm with running
+     statistics, back to `eval()`; nothing else): the ratio of the mean per-item pass variances is within 4 standard
+     errors of 1, and the test is strong enough to see a ratio of 1.5;
  (b) MEANS: per-item mean predictions agree within Monte Carlo error (z-scores; the bound on mean |z| is calibrated
      by permuting passes between the two runs, so correlated outputs, e.g. one shared weight mask, are fair);
  (c) STATE: `.training` flags, the full `state_dict()` and buffers, module attributes and (language model) hidden
      states are as before, also after an exception mid-pass.
-Two more rows must be refused with an error naming `register_stochastic`: dropout that only `F.dropout(...,
-training=self.training)` applies, and an `nn.Dropout` module that the forward bypasses.
+What MC mode would get wrong must be refused with `MCModeError`, the module named, nothing changed: torchvision's
+Inception (auxiliary logits in training mode), timm's distilled DeiT in distillation training (a tuple), a timm EvoNorm
+(running statistics in a buffer), and a model that draws nothing (its drop probabilities listed).
 Plain pytest, public fastai API only, so it runs on the newest fastai too. Models are barely trained: the checks are
 about sampling, not accuracy."""
 import functools, itertools, math, re, pytest, torch
@@ -29,19 +32,18 @@ def tiny_cnn(pretrained=False, **kwargs):
     "A small convolutional body for `vision_learner` (BatchNorm inside, so its statistics must survive sampling)"
     return nn.Sequential(ConvLayer(3, 16, stride=2), ConvLayer(16, 32, stride=2), ConvLayer(32, 64), nn.AdaptiveAvgPool2d(1))
 
-try:
-    import timm
-    from timm.layers.attention import Attention as _TimmAttention
-    from timm.layers.drop import DropPath as _TimmDropPath
-    _TIMM = (_TimmAttention, _TimmDropPath)
-except ImportError: timm, _TIMM = None, ()
+try: import timm
+except ImportError: timm = None
+try: import transformers
+except ImportError: transformers = None
 
 needs_timm = pytest.mark.skipif(timm is None, reason='timm is not installed')
+needs_transformers = pytest.mark.skipif(transformers is None, reason='transformers is not installed')
 
-# Modules whose `.training` flag turns their randomness on: the reference switches on these and nothing else
-REF_TYPES = (nn.modules.dropout._DropoutNd, RNNDropout, WeightDropout, EmbeddingDropout, nn.RNNBase,
-             nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, BayesLinear, BayesConv2d,
-             *_TIMM)
+def _eval_in_reference(m):
+    "The reference keeps these in eval mode: running statistics, nothing random"
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) or (isinstance(m, nn.modules.instancenorm._InstanceNorm)
+                                                             and m.track_running_stats)
 
 @pytest.fixture(scope='module', autouse=True)
 def one_thread():
@@ -67,10 +69,10 @@ def _mnist_df():
     return df
 
 @functools.cache
-def mnist_dls(bs=24):
+def mnist_dls(bs=24, size=32):
     df = _mnist_df()
     return ImageDataLoaders.from_df(df, df.attrs['path'], fn_col='fname', label_col='label', valid_col='is_valid',
-                                    item_tfms=Resize(32), bs=bs, num_workers=0)
+                                    item_tfms=Resize(size), bs=bs, num_workers=0)
 
 @functools.cache
 def mnist_multilabel_dls():
@@ -231,15 +233,157 @@ def _bayes_colour_mix():
     bayesianize(learn, names=r'^mix$', sigma_init=0.2)
     return learn
 
+# torchvision: its own classes, small configs. Plain `Learner`s on the digits, as a user brings a model; DenseNet through
+# `vision_learner`, where its functional dropout sits in the body that fastai's head follows
+def _tv(model, epochs=1, lr=1e-2):
+    with no_random(0): learn = Learner(mnist_dls(), model, loss_func=CrossEntropyLossFlat())
+    return fit_quietly(learn, epochs, lr)
+
+def _tv_efficientnet():
+    "StochasticDepth in every MBConv block (row mode), dropout in the classifier"
+    from torchvision.models.efficientnet import EfficientNet, MBConvConfig
+    with no_random(0):
+        cfg = [MBConvConfig(1, 3, 1, 16, 16, 1), MBConvConfig(4, 3, 2, 16, 24, 2), MBConvConfig(4, 3, 2, 24, 32, 2)]
+        m = EfficientNet(cfg, dropout=0.2, stochastic_depth_prob=0.3, num_classes=10, last_channel=64)
+    return _tv(m)
+
+def _tv_densenet():
+    "`_DenseLayer.forward` drops out with `F.dropout(..., training=self.training)`: no dropout module in the body"
+    from torchvision.models.densenet import DenseNet
+    def densenet_small(pretrained=False, **kwargs):
+        return DenseNet(growth_rate=8, block_config=(2, 2, 2), num_init_features=16, bn_size=2, drop_rate=0.2)
+    model_meta[densenet_small] = dict(cut=-1, split=default_split)   # as fastai's own entries for torchvision's DenseNets
+    with no_random(0): learn = vision_learner(mnist_dls(), densenet_small, pretrained=False, ps=0.1)
+    return fit_quietly(learn, 1, 1e-2)
+
+def _tv_swin():
+    "Shifted-window attention drops out functionally; StochasticDepth; MLP dropout modules"
+    from torchvision.models.swin_transformer import SwinTransformer
+    with no_random(0):
+        m = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4],
+                            dropout=0.1, attention_dropout=0.3, stochastic_depth_prob=0.2, num_classes=10)
+    return _tv(m, 3, 1e-2)
+
+def _tv_mobilenet():
+    from torchvision.models import mobilenet_v3_small
+    with no_random(0): m = mobilenet_v3_small(width_mult=0.5, dropout=0.3, num_classes=10)
+    return _tv(m, 3, 3e-2)
+
+def _tv_vit():
+    "nn.MultiheadAttention (attention dropout in its fused call) inside torchvision's encoder blocks"
+    from torchvision.models.vision_transformer import VisionTransformer
+    with no_random(0):
+        m = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                              dropout=0.1, attention_dropout=0.3, num_classes=10)
+    return _tv(m, 3, 3e-3)
+
+# timm: plain `Learner`s around `timm.create_model` (its own head, whose `drop_rate` is `F.dropout` in `forward_head`)
+def _timm(name, lr=1e-2, **kwargs):
+    with no_random(0): learn = Learner(mnist_dls(), timm.create_model(name, pretrained=False, num_classes=10, **kwargs),
+                                       loss_func=CrossEntropyLossFlat())
+    return fit_quietly(learn, 1, lr)
+
+def _timm_resnet():
+    "timm's ResNet class, narrow: stochastic depth in the blocks, the head's `drop_rate` as `F.dropout`"
+    from timm.models.resnet import ResNet, BasicBlock
+    with no_random(0):
+        m = ResNet(BasicBlock, [1, 1, 1, 1], channels=(16, 32, 64, 128), stem_width=16, num_classes=10, drop_rate=0.3,
+                   drop_path_rate=0.1)
+    return _tv(m)
+
+def _timm_efficientnet(): return _timm('tinynet_e', drop_rate=0.3, drop_path_rate=0.1)
+def _timm_mobilenetv3(): return _timm('mobilenetv3_small_050', drop_rate=0.3)
+def _timm_pvt():
+    "Fused attention: `F.scaled_dot_product_attention(dropout_p=self.attn_drop.p if self.training else 0.)`"
+    return _timm('pvt_v2_b0', lr=1e-3, attn_drop_rate=0.3, drop_path_rate=0.1)
+
+# Hugging Face: BERT from a small config. The adapter a user writes: input ids in, logits out, padding masked
+class HFClassifier(Module):
+    "A `transformers` sequence classifier in a fastai `Learner`: token ids in, logits out"
+    def __init__(self, hf_model, pad_idx=1): self.hf,self.pad_idx = hf_model,pad_idx
+    def forward(self, x):
+        x = x.as_subclass(Tensor)
+        return self.hf(input_ids=x, attention_mask=(x != self.pad_idx).long()).logits
+
+def _bert(impl):
+    from transformers import BertConfig, BertForSequenceClassification
+    dls = text_cls_dls()
+    cfg = BertConfig(vocab_size=len(dls.vocab[0]), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128, pad_token_id=1, num_labels=2,
+                     hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.3)
+    cfg._attn_implementation = impl
+    with no_random(0): learn = Learner(dls, HFClassifier(BertForSequenceClassification(cfg)), loss_func=CrossEntropyLossFlat())
+    assert learn.model.hf.config._attn_implementation == impl
+    return fit_quietly(learn, 1, 1e-3)
+
+def _bert_eager(): return _bert('eager')
+def _bert_sdpa(): return _bert('sdpa')
+
+# torch's own modules
+class TransformerSeq2One(Module):
+    "nn.Transformer (encoder and decoder, dropout 0.3): the review encoded, one learned query decoded, a linear head"
+    def __init__(self, vocab_sz, d=16):
+        self.emb,self.query = nn.Embedding(vocab_sz, d, padding_idx=1),nn.Parameter(torch.randn(1, 1, d))
+        self.tf = nn.Transformer(d, nhead=2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=32, dropout=0.3,
+                                 batch_first=True)
+        self.head = nn.Linear(d, 2)
+    def forward(self, x):
+        src = self.emb(x)
+        return self.head(self.tf(src, self.query.expand(len(x), -1, -1))[:, 0])
+
+def _nn_transformer():
+    dls = text_cls_dls()
+    with no_random(0): learn = Learner(dls, TransformerSeq2One(len(dls.vocab[0])), loss_func=CrossEntropyLossFlat())
+    return fit_quietly(learn, 1, 1e-2)
+
+class GRURowsClassifier(LSTMRowsClassifier):
+    "The digit's rows through a 2-layer `nn.GRU` whose only dropout is its own `dropout=0.3` between layers"
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.GRU(32, 32, num_layers=2, dropout=0.3, batch_first=True)
+
+def _gru():
+    with no_random(0): learn = Learner(mnist_dls(), GRURowsClassifier(), loss_func=CrossEntropyLossFlat())
+    return fit_quietly(learn, 2, 3e-2)
+
+class SELUNet(Module):
+    "Channel dropout (`nn.Dropout2d`) in a conv body, `nn.AlphaDropout` in a SELU head"
+    def __init__(self):
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2), nn.ReLU(), nn.Dropout2d(0.2), nn.Conv2d(16, 32, 3, stride=2),
+                                  nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Sequential(nn.Linear(32, 32), nn.SELU(), nn.AlphaDropout(0.2), nn.Linear(32, 10))
+    def forward(self, x): return self.head(self.body(x))
+
+def _alpha_dropout2d():
+    with no_random(0): learn = Learner(mnist_dls(), SELUNet(), loss_func=CrossEntropyLossFlat())
+    return fit_quietly(learn, 1, 1e-2)
+
+def _functional_dropout():
+    with no_random(0): learn = Learner(mnist_dls(), FunctionalDropoutNet(), loss_func=CrossEntropyLossFlat())
+    return fit_quietly(learn, 1, 1e-2)
+
+def _bypassed_dropout():
+    with no_random(0): learn = Learner(mnist_dls(), BypassedDropoutNet(), loss_func=CrossEntropyLossFlat())
+    return fit_quietly(learn, 1, 1e-2)
+
 ROWS = dict(
     resnet18=(_resnet18, 'softmax'), timm_vit=(_vit, 'softmax'), timm_convnext=(_convnext, 'softmax'),
     transformer_text=(_transformer_text, 'softmax'), awd_lstm_clas=(_awd_lstm_clas, 'softmax'),
     awd_lstm_lm=(_awd_lstm_lm, 'softmax'), tabular_clas=(_tabular_clas, 'softmax'), tabular_reg=(_tabular_reg, 'identity'),
     multilabel=(_multilabel, 'sigmoid'), custom_lstm=(_custom_lstm, 'softmax'), bayes_cnn=(_bayes_cnn, 'softmax'),
-    bayes_colour_mix=(_bayes_colour_mix, 'softmax'))
-TIMM_ROWS = {'timm_vit', 'timm_convnext'}
+    bayes_colour_mix=(_bayes_colour_mix, 'softmax'),
+    tv_efficientnet=(_tv_efficientnet, 'softmax'), tv_densenet=(_tv_densenet, 'softmax'), tv_swin=(_tv_swin, 'softmax'),
+    tv_mobilenet=(_tv_mobilenet, 'softmax'), tv_vit=(_tv_vit, 'softmax'),
+    timm_resnet=(_timm_resnet, 'softmax'), timm_efficientnet=(_timm_efficientnet, 'softmax'),
+    timm_mobilenetv3=(_timm_mobilenetv3, 'softmax'), timm_pvt=(_timm_pvt, 'softmax'),
+    hf_bert_eager=(_bert_eager, 'softmax'), hf_bert_sdpa=(_bert_sdpa, 'softmax'),
+    nn_transformer=(_nn_transformer, 'softmax'), gru=(_gru, 'softmax'), alpha_dropout2d=(_alpha_dropout2d, 'softmax'),
+    functional_dropout=(_functional_dropout, 'softmax'), bypassed_dropout=(_bypassed_dropout, 'softmax'))
+TIMM_ROWS = {'timm_vit', 'timm_convnext', 'timm_resnet', 'timm_efficientnet', 'timm_mobilenetv3', 'timm_pvt'}
+HF_ROWS = {'hf_bert_eager', 'hf_bert_sdpa'}
 STATEFUL_ROWS = {'awd_lstm_lm'}
-params = [pytest.param(k, marks=needs_timm) if k in TIMM_ROWS else k for k in ROWS]
+params = [pytest.param(k, marks=needs_timm) if k in TIMM_ROWS else pytest.param(k, marks=needs_transformers) if k in HF_ROWS
+          else k for k in ROWS]
 
 @functools.cache
 def learner(row):
@@ -258,7 +402,7 @@ def valid_dl(row):
     raise AssertionError('test setup: no even split of the language-model validation stream')
 
 # ------------------------------------------------------------------------------------------------------------------
-# the independent reference: one pass per forward, only REF_TYPES in train mode
+# the independent reference: one pass per forward, training mode but for BatchNorm (and InstanceNorm with statistics)
 
 def _pred(out): return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -275,21 +419,22 @@ def _set_hidden(awd, state):
     hidden, bs = state
     awd.hidden, awd.bs = [tuple(h.clone() for h in hc) for hc in hidden], bs
 
-def reference_samples(learn, dl, n, seed, kind, stateful=False):
+def reference_samples(learn, dl, n, seed, kind, stateful=False, keep_eval=()):
     """n×N×... activated passes, items in dataset order. Stateful (language model): every pass of a batch starts from the
-    state at the start of the batch; after the batch the state is the one the first pass left"""
+    state at the start of the batch; after the batch the state is the one the first pass left. `keep_eval`: more module
+    types kept in eval mode"""
     model = learn.model
     flags = [(m, m.training) for m in model.modules()]
     outs = []
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         try:
-            model.eval()
+            model.train()
             for m in model.modules():
-                if isinstance(m, REF_TYPES): m.training = True
+                if _eval_in_reference(m) or isinstance(m, keep_eval): m.eval()
             awd = _awd(model) if stateful else None
             if stateful: model.reset()
-            with torch.enable_grad():
+            with torch.no_grad():
                 for b in dl:
                     xb = tuple(o.as_subclass(Tensor) if isinstance(o, Tensor) else o for o in b[:learn.dls.n_inp])
                     start, ps = (_hidden_of(awd) if stateful else None), []
@@ -426,15 +571,22 @@ def test_state_restored(row):
     learn.mc_predict(dl, 3, seed=0)
     assert_same_state(before, snapshot(model), 'after mc_predict: ')
     calls = []
-    def boom(m, i, o):
-        calls.append(1)
-        if len(calls) == 3: raise RuntimeError('injected failure mid-pass')
-    h = _inner_module(model).register_forward_hook(boom)
-    try:
-        with pytest.raises(RuntimeError, match='injected failure'): learn.mc_predict(dl, 5, seed=0, max_bs=dl.bs)
+    h = _inner_module(model).register_forward_hook(lambda m, i, o: calls.append(1))
+    try: learn.mc_predict(dl, 5, seed=0, max_bs=dl.bs)
     finally: h.remove()
-    assert len(calls) == 3
-    assert_same_state(before, snapshot(model), 'after an exception mid-pass: ')
+    for at in (2, len(calls) - 2):   # inside the probe of the first batch, and mid-pass in the last batch
+        calls = []
+        def boom(m, i, o):
+            calls.append(1)
+            if len(calls) == at: raise RuntimeError('injected failure')
+        h = _inner_module(model).register_forward_hook(boom)
+        try:
+            with pytest.raises(RuntimeError, match='injected failure'): learn.mc_predict(dl, 5, seed=0, max_bs=dl.bs)
+        finally: h.remove()
+        assert len(calls) == at
+        assert_same_state(before, snapshot(model), f'after an exception at forward {at} of the module: ')
+
+def _same_hidden(a, b): return a[1] == b[1] and all(torch.equal(p, q) for hp, hq in zip(a[0], b[0]) for p, q in zip(hp, hq))
 
 def test_language_model_passes_start_from_the_same_state():
     """(c) for the stateful row: within a batch all passes start from one hidden state; the next batch starts from the
@@ -449,12 +601,17 @@ def test_language_model_passes_start_from_the_same_state():
     try: learn.mc_predict(dl, 6, seed=0, reorder=False)
     finally:
         for h in hs: h.remove()
+    # the first batch is probed first (two rows, in MC and eval mode), and the probe puts the state back as it found it
+    n_probe = next(i for i, c in enumerate(calls) if c['x'].shape[0] == dl.bs)
+    assert n_probe >= 2 and all(c['x'].shape[0] == MCProbe.n_rows for c in calls[:n_probe])
+    assert _same_hidden(calls[0]['start'], calls[n_probe]['start']), "the probe changed the hidden state"
+    calls = calls[n_probe:]
     groups = []
     for c in calls:
         if groups and groups[-1][0]['x'].shape == c['x'].shape and torch.equal(groups[-1][0]['x'], c['x']): groups[-1].append(c)
         else: groups.append([c])
     assert len(groups) == len(dl), f"{len(calls)} calls of AWD_LSTM in {len(groups)} groups for {len(dl)} batches"
-    def same(a, b): return a[1] == b[1] and all(torch.equal(p, q) for hp, hq in zip(a[0], b[0]) for p, q in zip(hp, hq))
+    same = _same_hidden
     for k, g in enumerate(groups):
         assert len(g) == 6, f"batch {k}: {len(g)} forwards of AWD_LSTM for 6 passes"
         bad = [t for t in range(1, len(g)) if not same(g[0]['start'], g[t]['start'])]
@@ -473,25 +630,69 @@ def test_language_model_default_call():
     n_tok = dl.bs * ((dl.n_batches - 1)*dl.seq_len + dl.last_len)
     assert sum(o.numel() for o in (res.mean if is_listy(res.mean) else [res.mean])) == n_tok * len(learn.dls.vocab)
 
-# rows that must be refused -------------------------------------------------------------------------------------------
+# what MC mode would get wrong is refused -----------------------------------------------------------------------------
 
-def _refusal_learner(model_cls):
-    with no_random(0): learn = Learner(mnist_dls(), model_cls(), loss_func=CrossEntropyLossFlat())
-    learn.model.eval()
-    return learn
+def _inception():
+    "torchvision's Inception v3 returns `InceptionOutputs(logits, aux_logits)` in training mode, a tensor in eval mode"
+    from torchvision.models import inception_v3
+    with no_random(0): m = inception_v3(weights=None, aux_logits=True, init_weights=False, num_classes=10)
+    return Learner(mnist_dls(bs=8, size=299), m, loss_func=CrossEntropyLossFlat())
 
-@pytest.mark.parametrize('model_cls', [FunctionalDropoutNet, BypassedDropoutNet], ids=['functional_dropout', 'bypassed_dropout_module'])
-def test_unseen_dropout_is_refused(model_cls):
-    """Dropout the library cannot switch on (functional, gated by the model's own flag; or a module that is switched on
-    but never called) would give n identical passes: an error naming `register_stochastic`, nothing changed"""
-    learn = _refusal_learner(model_cls)
+def _deit_distilled():
+    "timm's distilled DeiT in distillation training returns (class logits, distillation logits) in training mode"
+    with no_random(0):
+        m = timm.create_model('deit_tiny_distilled_patch16_224', pretrained=False, img_size=32, patch_size=8, depth=2,
+                              num_classes=10, drop_rate=0.1)
+    m.set_distilled_training(True)
+    return Learner(mnist_dls(), m, loss_func=CrossEntropyLossFlat())
+
+class EvoNormNet(Module):
+    "A conv body normalised by timm's EvoNorm-B0, whose training mode updates its `running_var` buffer"
+    def __init__(self):
+        from timm.layers import EvoNorm2dB0
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2), EvoNorm2dB0(16), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(16, 10))
+    def forward(self, x): return self.head(self.body(x))
+
+def _evonorm():
+    with no_random(0): return Learner(mnist_dls(), EvoNormNet(), loss_func=CrossEntropyLossFlat())
+
+def _no_randomness():
+    "fastai's default `tabular_learner` has p=0 everywhere"
+    with no_random(0): return tabular_learner(adult_dls(), layers=[50, 20])
+
+def _unregister_eval(cls):
+    from fastai_bayes.dropout import _eval_registry, _lookups
+    del _eval_registry[cls]; _lookups.clear()
+
+REFUSED = dict(
+    inception_aux_logits=(_inception, [r'`model` \(Inception3\) returns InceptionOutputs\(', r'also runs `AuxLogits`',
+                                       r'register_eval\(Inception3\)', 'aux_logits=False']),
+    deit_distillation=(_deit_distilled, [r'\(VisionTransformerDistilled\) returns tuple\(', r'register_eval\(VisionTransformerDistilled\)']),
+    evonorm_running_var=(_evonorm, [r'`body.1` \(EvoNorm2dB0\) updates `running_var`', r'register_eval\(EvoNorm2dB0\)']),
+    no_randomness=(_no_randomness, [r'drew no random number', r'`emb_drop.p`=0', r'tabular_config\(ps=']))
+
+@pytest.mark.parametrize('row', [pytest.param(k, marks=needs_timm) if k in ('deit_distillation', 'evonorm_running_var') else k
+                                 for k in REFUSED])
+def test_refused_naming_the_module(row):
+    """What MC mode would get wrong (an output of another structure in training mode, running statistics torch does not
+    know, no randomness at all) raises `MCModeError` before any pass, naming the module and the fix; nothing changes"""
+    make, patterns = REFUSED[row]
+    learn = make(); learn.model.eval()
     before = snapshot(learn.model)
-    try: res = learn.mc_predict(learn.dls.valid, 10, with_samples=True, seed=0)
-    except (ValueError, RuntimeError) as e:
-        assert re.search('register_stochastic', str(e)), f"refused, but the message does not name the fix: {e}"
-    else: pytest.fail(f"mc_predict returned a result (largest std across passes {res.std.max().item():.2e}) instead of "
-                      "refusing: its uncertainty would be a silent, wrong zero")
+    with pytest.raises(MCModeError) as e: learn.mc_predict(learn.dls.valid, 5, seed=0)
+    for pat in patterns: assert re.search(pat, str(e.value)), f"the message does not say {pat!r}: {e.value}"
     assert_same_state(before, snapshot(learn.model), 'after the refusal: ')
+    if row == 'evonorm_running_var':   # the fix the message names works, and is then right against the reference
+        from timm.layers import EvoNorm2dB0
+        register_eval(EvoNorm2dB0)
+        try:
+            dl = learn.dls.valid
+            res = learn.mc_predict(dl, N_PASSES, with_samples=True, seed=MC_SEED)
+            ref = reference_samples(learn, dl, N_PASSES, REF_SEED, 'softmax', keep_eval=(EvoNorm2dB0,))
+            check_spread(res.samples.as_subclass(Tensor), ref); check_means(res.samples.as_subclass(Tensor), ref)
+        finally: _unregister_eval(EvoNorm2dB0)
+        assert_same_state(before, snapshot(learn.model), 'after sampling with the fix: ')
 
 # the checks themselves can fail ----------------------------------------------------------------------------------
 

@@ -82,9 +82,9 @@ def test_frozen_learner_stays_frozen(dls):
 
 def test_tiled_samples_are_independent(trained, dls):
     learn = bayesianize(Learner(dls, deepcopy(trained.model), loss_func=CrossEntropyLossFlat()), sigma_init=0.05)
-    plan = MCPlan(learn.model)
-    assert plan.tileable and len(stochastic_modules(learn.model)) == 2
     x = dls.valid.one_batch()[0][:1]
+    plan = MCPlan(learn.model, (x,))
+    assert plan.tileable and [o.method for o in stochastic_modules(learn.model, x)] == ['variational']*2
     with no_random(0), mc_dropout(learn.model): out = learn.model(x.expand(2000, -1))
     assert (out[0] - out[1]).abs().max() > 1e-3
     l0 = learn.model[0]         # first layer: per-row draws have the local-reparameterisation mean and variance
