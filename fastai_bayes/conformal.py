@@ -12,9 +12,10 @@ from .metrics import correct
 from .calibration import lead_learner, check_held_out
 
 # %% auto #0
-__all__ = ['Conformal', 'conformal_quantile', 'conformal', 'plot_conformal', 'RiskThreshold', 'risk_threshold', 'referral_rule']
+__all__ = ['item_uniforms', 'Conformal', 'conformal_quantile', 'conformal', 'plot_conformal', 'RiskThreshold', 'risk_threshold',
+           'referral_rule']
 
-# %% ../nbs/56_conformal.ipynb #33cce4b2
+# %% ../nbs/56_conformal.ipynb #859e4e7d
 _CLF_METHODS,_REG_METHODS = ('lac','aps','raps'),('abs','std')
 
 def _sorted_cum(p:Tensor):
@@ -22,19 +23,35 @@ def _sorted_cum(p:Tensor):
     ps,order = p.sort(-1, descending=True)
     return ps,order,ps.cumsum(-1) - ps
 
-def _uniform(n:int, seed:int) -> Tensor: return torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+def _mix(z:np.ndarray) -> np.ndarray:
+    "splitmix64's finaliser: every output bit depends on every input bit (uint64, wrapping)"
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+def item_uniforms(
+    p:Tensor, # N×C predicted probabilities, one row per item
+    seed:int|None=None, # None: fresh draws from torch's generator; an int: a hash of each row's float32 bits and `seed`
+) -> Tensor:
+    "One U(0,1) per item (float64) that depends on nothing but the item (and `seed`), never on its position or company"
+    if seed is None: return torch.rand(len(p), dtype=torch.float64)
+    bits = p.float().contiguous().view(torch.int32).cpu().numpy().astype(np.int64).astype(np.uint64)
+    with np.errstate(over='ignore'):
+        h = _mix(np.full(len(p), np.uint64(seed % 2**64) + np.uint64(0x9E3779B97F4A7C15), dtype=np.uint64))
+        for j in range(bits.shape[1]): h = _mix(h ^ bits[:, j] + np.uint64(0x9E3779B97F4A7C15))
+    return torch.from_numpy((h >> np.uint64(11)).astype(np.float64) * 2.**-53)
 
 class Conformal:
     "Split conformal prediction sets (classification) or intervals (regression) fitted on a calibration result"
     def __init__(self, method:str, alpha:float, qhat:float, n_cal:int, kind:str, lam:float=0.01, k_reg:int=1,
-                 randomized:bool=True, seed:int=0): store_attr()
+                 randomized:bool=True, seed:int|None=None): store_attr()
 
     def class_scores(self, res:MCPredictions, u:Tensor|None=None) -> Tensor:
         "Score of every class of every item of `res` (N×C), the classes of a set being those ≤ `qhat`"
         p = _probs(res)
         if self.method == 'lac': return 1 - p
         ps,order,above = _sorted_cum(p)
-        u = ifnone(u, _uniform(len(p), self.seed + 1) if self.randomized else torch.ones(len(p), dtype=torch.float64))
+        u = ifnone(u, item_uniforms(p, self.seed) if self.randomized else torch.ones(len(p), dtype=torch.float64))
         s = above + u[:,None]*ps
         if self.method == 'raps':
             rank = torch.arange(1, p.shape[1]+1, dtype=torch.float64)
@@ -68,11 +85,17 @@ class Conformal:
         "Mean set size (classification) or mean interval width (regression)"
         return self.sizes(res).double().mean().item()
 
-    def refer(self, res:MCPredictions) -> Tensor:
-        "Per item: refer to a person when the set is not a single class (two or more labels, or none)"
+    def refer(self,
+        res:MCPredictions, # Predictions to decide on
+        sets:Tensor|None=None, # Their sets, if already drawn (`predict`); None: draw them
+    ) -> Tensor:
+        "Per item: refer to a person when its set holds two or more classes; with LAC also when it holds none"
         if self.kind == 'identity': raise ValueError("Referral by set size is for classification; for regression refer by "
                                                      "interval width, e.g. `conf.sizes(res) > width`")
-        return self.sizes(res) != 1
+        # an empty LAC set: no class is likely enough. An empty APS/RAPS set comes from the uniform tie-break on a
+        # confident item (its top class alone is past the threshold): it keeps its top class, and is not referred
+        k = ifnone(sets, self.predict(res)).sum(1)
+        return (k > 1) | ((k == 0) & (self.method == 'lac'))
 
     def describe(self) -> str:
         "The guarantee, in words, for reports"
@@ -102,7 +125,7 @@ def _mu_sigma(res, method):
     s = plain_tensor(res.std).double().reshape(len(res))
     return mu,s.clamp_min(1e-12*max(s.mean().item(), 1e-300))   # a zero std would make the score infinite
 
-# %% ../nbs/56_conformal.ipynb #d0124f1a
+# %% ../nbs/56_conformal.ipynb #aacf0099
 def conformal_quantile(
     scores:Tensor, # Calibration scores, one per item
     alpha:float, # Miscoverage: the sets hold the answer with probability >= 1 - alpha
@@ -122,7 +145,7 @@ def conformal(
     lam:float=0.01, # RAPS: penalty per class beyond `k_reg`
     k_reg:int=1, # RAPS: classes allowed before the penalty starts
     randomized:bool=True, # APS/RAPS: break ties with a uniform draw (exact coverage) or not (conservative)
-    seed:int=0, # Seed of the uniform draws
+    seed:int|None=None, # APS/RAPS: None, fresh uniforms at every call; an int, each item's uniform a hash of its probabilities and the seed
 ) -> Conformal:
     "Fit split conformal prediction on a calibration result of any sampler"
     res_cal.check_per_item('conformal')
@@ -140,8 +163,7 @@ def conformal(
         mu,w = _mu_sigma(res_cal, method)
         s = (y - mu).abs()/w
     else:
-        u = _uniform(len(res_cal), seed) if randomized else None   # not the stream `predict` uses
-        s = c.class_scores(res_cal, u).gather(1, y[:,None])[:,0]
+        s = c.class_scores(res_cal).gather(1, y[:,None])[:,0]
     c.qhat = conformal_quantile(s, alpha)
     return c
 

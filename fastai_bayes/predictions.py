@@ -184,7 +184,7 @@ def __getitem__(self:MCPredictions, idx) -> MCPredictions:
         setattr(new, k, take(v, 1 if k == 'samples' else 0))
     return new
 
-# %% ../nbs/45_predictions.ipynb #6169b670
+# %% ../nbs/45_predictions.ipynb #a35ed546
 def _items_batch(dl:DataLoader, idxs:list) -> tuple:
     "The batch of `dl`'s items `idxs`, read again (no model runs), on the CPU"
     return tuple(to_cpu(dl.new(get_idxs=_ConstantFunc(list(idxs)), bs=len(idxs), shuffle=False, drop_last=False).one_batch()))
@@ -322,7 +322,7 @@ def mc_predict(self:Learner,
     max_bs:int|None=None, # Largest tiled batch per forward; None: chosen from a memory budget
     kind:str|None=None, # 'softmax', 'sigmoid' or 'identity'; None: read off the loss function
     score:str|None=None, # n='auto': the score that must be settled; None: 'mutual_info'
-    tol:float|None=None, # n='auto': an item is settled once its score's standard error is at most this; None: 0.01
+    tol:float|None=None, # n='auto': an item is settled once its score's standard error is at most this; None: 0.01, or with a threshold only its decision
     threshold:float|None=None, # n='auto': referral threshold; an item is also settled 3 (t-quantile) standard errors away from it
     max_n:int|None=None, # n='auto': most passes per item; None: 200
     min_n:int|None=None, # n='auto': passes every item gets first; None: 10

@@ -115,7 +115,7 @@ def _first_copy(out, r:int):
     res = map_tensors(f, out)
     return res, (None if not seen or None in seen else any(seen))
 
-# %% ../nbs/15_probe.ipynb #a34c2931
+# %% ../nbs/15_probe.ipynb #cdae8ad9
 def _name(names:dict, m) -> str:
     n = names.get(m)
     return 'model' if n == '' else n if n is not None else type(m).__name__
@@ -138,13 +138,14 @@ class MCProbe:
         dev = batch_device(xb)
         self.devices = [ifnone(dev.index, torch.cuda.current_device())] if dev.type == 'cuda' else []
         self.always = dev.type not in ('cpu', 'cuda')   # other generators: count every seeded op as a draw
-        self.rows = _rows(xb, torch.tensor([0, min(1, find_bs(xb) - 1)]))
+        # plain tensors: fastai's tensor subclasses cost a Python call per op, which on two rows is most of the time
+        self.rows = map_tensors(plain_tensor, _rows(xb, torch.tensor([0, min(1, find_bs(xb) - 1)])))
         self.names = {m: n for n,m in model.named_modules()}
         self.modules = list(dict.fromkeys([*model.modules(), *(m for s in self.stages for m in s.modules())]))
         outs,draws = self._record(self.rows, self.stages)
         if not draws: raise MCModeError(no_dropout_msg(model))
-        self._check_structure(outs[-1])
-        self.split = self._prefix_end(outs, min(st for _,st,_ in draws))
+        evals = self._eval_outputs(outs[-1])
+        self.split = self._prefix_end(outs, evals, min(st for _,st,_ in draws))
         self.mods = self._describe(outs, list(dict.fromkeys(m for m,_,_ in draws)))
         self.tileable = not self.state and all(o.mask == 'element' for o in self.mods)
 
@@ -183,10 +184,13 @@ class MCProbe:
                 f"keep it in eval mode while sampling: `register_eval({type(m).__name__})` (or `register_eval('{_qual(m)}')`). "
                 "Nothing was changed.")
 
-    def _check_structure(self, out_mc):
-        "Refuse a model that returns something else in MC mode than in eval mode (auxiliary outputs in training)"
-        with self._mode(mc=False): out_ev = self.model(*self.rows)
-        if _structure(out_ev) != _structure(out_mc): raise MCModeError(self._structure_msg())
+    def _eval_outputs(self, out_mc) -> list:
+        "Every stage's output in eval mode; refuse a model that returns something else in MC mode (auxiliary outputs in training)"
+        with self._mode(mc=False):
+            args,outs = self.rows,[]
+            for s in self.stages: args = (s(*args),); outs.append(args[0])
+        if _structure(outs[-1]) != _structure(out_mc): raise MCModeError(self._structure_msg())
+        return outs
 
     def _structure_msg(self) -> str:
         def outputs(mc):
@@ -206,9 +210,10 @@ class MCProbe:
                 "it keeps only its own flag, so the modules inside it still draw), or build the model without its "
                 "training-only output (e.g. `aux_logits=False` for torchvision's Inception and GoogLeNet). Nothing was changed.")
 
-    def _prefix_end(self, outs:list, first:int) -> int:
+    def _prefix_end(self, outs:list, evals:list, first:int) -> int:
         "Where the stochastic suffix starts: the first stage that draws, or earlier if a stage before it gives another output the second time"
-        if first == 0: return 0
+        # stages whose MC-mode output is what eval mode computes gave a reproducible output; only otherwise run them again
+        if first == 0 or all(_close(a, b) for a,b in zip(outs[:first], evals)): return first
         with self._mode():
             args,again = self.rows,[]
             for s in self.stages[:first]: args = (s(*args),); again.append(args[0])

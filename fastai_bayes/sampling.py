@@ -265,13 +265,13 @@ class MCSampler(Sampler):
         "After the last batch: raise if no pass ever differed from its batch's first (randomness that never reached the output)"
         if self.sampled and self.n > 1 and not self.varied: raise MCModeError(identical_passes_msg(self.plan.mods, self.n))
 
-# %% ../nbs/30_sampling.ipynb #0ea81f96
+# %% ../nbs/30_sampling.ipynb #5d3bfbd3
 class AutoN:
     "When `n='auto'` stops adding passes to an item: its score's standard error is at most `tol`, or its referral is settled"
     def __init__(self,
         score:str='mutual_info', # The score that must be settled (see `SCORE_NAMES`)
-        tol:float=0.01, # Stop once the Monte Carlo standard error of the item's score is at most this
-        threshold:float|None=None, # Referral threshold on the score: also stop once the score is `z` SEs away from it
+        tol:float|None=None, # Stop once the Monte Carlo standard error of the item's score is at most this; None: 0.01 without a threshold, unused with one
+        threshold:float|None=None, # Referral threshold on the score: stop once the score is `z` SEs away from it (its decision settled)
         max_n:int=200, # Most passes for any item
         min_n:int=10, # Passes every item gets before the first check (>= 2: an SE needs two)
         step:int|None=None, # Passes added per round to the items not settled; None: `min_n`
@@ -282,7 +282,8 @@ class AutoN:
         if not _int(max_n) or max_n < min_n: raise ValueError(f"max_n must be an int >= min_n ({min_n}), got {max_n!r}")
         step = ifnone(step, min_n)
         if not _int(step) or step < 1: raise ValueError(f"step must be an int >= 1 or None, got {step!r}")
-        if not isinstance(tol, (int,float)) or isinstance(tol, bool) or not tol > 0:
+        if tol is None and threshold is None: tol = 0.01
+        if tol is not None and (not isinstance(tol, (int,float)) or isinstance(tol, bool) or not tol > 0):
             raise ValueError(f"tol is the standard error at which an item's score counts as settled and must be > 0, got {tol!r}")
         if threshold is not None and not isinstance(threshold, (int,float)):
             raise ValueError(f"threshold must be a number (the score above which items are referred) or None, got {threshold!r}")
@@ -305,7 +306,7 @@ class AutoN:
     def settled(self, stats:MCStats) -> Tensor:
         "Per item of `stats`: True when it needs no more passes"
         se = stats.se(self.score)
-        done = se <= self.tol
+        done = se <= self.tol if self.tol is not None else torch.zeros_like(se, dtype=torch.bool)
         if self.threshold is not None:
             z = self.z_for((stats.g_count > 0).sum(1) - 1)
             done |= (stats.score(self.score) - self.threshold).abs() >= z*se
@@ -318,7 +319,8 @@ class AutoN:
 
     def __repr__(self):
         thr = '' if self.threshold is None else f", threshold={self.threshold:g}, z={self.z:g}"
-        return f"AutoN(score={self.score!r}, tol={self.tol:g}{thr}, n={self.min_n}..{self.max_n} by {self.step})"
+        tol = '' if self.tol is None else f", tol={self.tol:g}"
+        return f"AutoN(score={self.score!r}{tol}{thr}, n={self.min_n}..{self.max_n} by {self.step})"
 
 # %% ../nbs/30_sampling.ipynb #7793ca95
 def _flip_hw(x): return x.flip(-2, -1)

@@ -234,7 +234,7 @@ def triage_rule(
                       "fit it with `learn.fit_referral(dl, ...)` before `learn.export()`"
                       + (f". This learner carries {stored!r}" if stored is not None else ""))
 
-# %% ../nbs/95_triage.ipynb #a5fb40b3
+# %% ../nbs/95_triage.ipynb #9cdd851a
 def _default_score(res:MCPredictions, score:str|None) -> str:
     if score is None: return 'std' if res.kind=='identity' else 'mutual_info'
     res.score(score)  # a clear error for a name this result does not have
@@ -262,11 +262,15 @@ def triage_df(
     df = res.to_df().drop(columns=['target'], errors='ignore')
     df = df[[c for c in df.columns if not c.startswith('p_')]]
     df.insert(0, 'item', names)
-    flags = rule.refer(res)
-    if isinstance(rule, Conformal):   # the candidate classes a person chooses from
+    if isinstance(rule, Conformal):   # the candidate classes a person chooses from, drawn once for the sets and the flags
         sets = rule.predict(res)
+        flags = rule.refer(res, sets)
         df['conformal_set'] = [';'.join(str(res.vocab[c] if res.vocab is not None else c) for c in r.nonzero().flatten().tolist())
                                for r in sets]
+        k = sets.sum(1)
+        df['reason'] = ['empty set: no class likely enough' if n == 0 and f else 'empty set: the top class alone is past the '
+                        'threshold (kept)' if n == 0 else f'{n} classes in the set' if f else '' for n,f in zip(k.tolist(), flags.tolist())]
+    else: flags = rule.refer(res)
     thresh = getattr(rule, 'threshold', None)
     if thresh is not None and not math.isfinite(thresh): thresh = None
     df['refer'] = flags.numpy()
@@ -285,7 +289,7 @@ def triage_df(
                                   at_max=int((res.n_used >= res.auto.max_n).sum()), max_n=res.auto.max_n)
     return df
 
-# %% ../nbs/95_triage.ipynb #1ab83203
+# %% ../nbs/95_triage.ipynb #513af24b
 def _auto_opts(learn, rule, score, auto:bool) -> dict:
     "n='auto': the score that must be settled, and the fitted threshold its side of which decides"
     if not auto: return {}
@@ -348,6 +352,8 @@ def triage(
         rule = triage_rule(learn, refer, risk, coverage, delta, score, calibrate_on, n=20 if auto else ifnone(n, 20), bs=bs,
                            seed=seed, progress=progress, label_col=label_col)
         n = ifnone(n, getattr(rule, 'n', 20))
+        if isinstance(rule, Conformal) and seed is not None:   # each input's set a function of the input: the same row
+            rule = copy(rule); rule.seed = seed                # whatever else is in the folder, chunked or not
         if chunk is not None:
             return _triage_chunks(learn, src, inputs, n, rule, score, Path(out), bs, seed, progress, auto, chunk, calibrate_on)
         items,names,skipped,table = triage_items(learn, inputs)

@@ -117,6 +117,44 @@ def test_conformal_coverage_over_splits(mnist, method):
     ok, m, se = _bounds_ok(covs, alpha, n_cal)
     assert ok, f"{method}: mean coverage {m:.4f} ± {se:.4f} outside [{1-alpha}, {1-alpha+1/(n_cal+1):.4f}]"
 
+def _exact_coverage_ok(covs, alpha, n_cal, z=2.):
+    """Split conformal with continuous scores covers exactly k/(n+1), k = ⌈(n+1)(1−α)⌉, on average over random splits of
+    any fixed pool (the Beta-binomial mean): the mean over splits within `z` standard errors of it"""
+    covs = torch.tensor(covs, dtype=torch.float64)
+    expect = math.ceil((n_cal+1)*(1-alpha) - 1e-9)/(n_cal+1)
+    se = (covs.std()/math.sqrt(len(covs))).item()
+    return abs(covs.mean().item() - expect) <= z*se, covs.mean().item(), expect, se
+
+@pytest.mark.parametrize('method', ['lac', 'aps', 'raps'])
+def test_conformal_default_call_coverage_is_exact(mnist, method):
+    """The default call (fresh uniforms at every call) and a fixed seed (uniforms keyed to each item) both cover
+    k/(n+1) over 400 splits, within 2 standard errors. Uniforms drawn by position from one seed — what the default did —
+    fail this check, and sets keyed to the item are the same one at a time as in a batch"""
+    _, res = mnist
+    res = res[torch.arange(len(res))]; res.samples = None
+    alpha, n_cal = 0.1, 100
+    splits = list(random_splits(len(res), n_cal, 400, seed=5))
+    for kw in (dict(), dict(seed=0)):   # seeds 0-4 measured: z = 1.0, 1.1, 0.4, 2.1, 0.0
+        covs = [conformal(res[c], alpha, method, **kw).coverage(res[t]) for c,t in splits]
+        ok, m, e, se = _exact_coverage_ok(covs, alpha, n_cal)
+        assert ok, f"{method} {kw}: mean coverage {m:.4f} ± {se:.4f}, expected {e:.4f}"
+    if method == 'lac': return   # no uniforms
+    from fastai_bayes.conformal import _sorted_cum
+    def by_position(c, r, seed):   # the old default: u by position in the call, one generator seeded the same every time
+        ps, order, above = _sorted_cum(r.probs.double())
+        u = torch.rand(len(r), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        return torch.empty_like(ps).scatter_(1, order, above + u[:, None]*ps)
+    covs = []
+    for cal, t in splits:
+        cf = conformal(res[cal], alpha, method, seed=0)
+        cf.qhat = conformal_quantile(by_position(cf, res[cal], 0).gather(1, res[cal].targs[:, None])[:, 0], alpha)
+        covs.append((by_position(cf, res[t], 1).gather(1, res[t].targs[:, None])[:, 0] <= cf.qhat).double().mean().item())
+    assert not _exact_coverage_ok(covs, alpha, n_cal)[0]
+    cf = conformal(res[splits[0][0]], alpha, method, seed=3)
+    test = res[splits[0][1][:200]]
+    one = torch.stack([cf.predict(test[torch.tensor([i])])[0] for i in range(len(test))])
+    assert torch.equal(one, cf.predict(test))
+
 def test_conformal_check_has_power(mnist):
     "The same check rejects the quantile one rank too low (⌈n(1−α)⌉, the textbook slip) and two ranks too high"
     _, res = mnist
@@ -159,6 +197,8 @@ def test_conformal_regression_diabetes():
         covs = [conformal(res[c], alpha, m).coverage(res[t]) for c,t in random_splits(len(res), n_cal, 400, seed=1)]
         ok, mean, se = _bounds_ok(covs, alpha, n_cal)
         assert ok, f"{m}: mean coverage {mean:.4f} ± {se:.4f}"
+        ok, mean, e, se = _exact_coverage_ok(covs, alpha, n_cal)
+        assert ok, f"{m}: mean coverage {mean:.4f} ± {se:.4f}, expected {e:.4f}"
     c = conformal(res, alpha, 'std')
     iv = c.predict(res)
     test_close((iv[:,1] - iv[:,0]), 2*c.qhat*res.std.double().flatten(), eps=1e-6)

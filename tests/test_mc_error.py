@@ -75,11 +75,10 @@ def test_auto_agrees_with_n500_reference(learn, dl):
     dec = ref.mutual_info > thr
     agree = lambda r: ((r.mutual_info > thr) == dec).float().mean().item()
     ceiling = agree(learn.mc_predict(dl, n=500, seed=2))  # the reference's own reproducibility: another n=500 run
-    ra = learn.mc_predict(dl, n='auto', threshold=thr, tol=1e-6, max_n=500, seed=1)
+    ra = learn.mc_predict(dl, n='auto', threshold=thr, max_n=500, seed=1)   # the default call: the decision settles it
     used = ra.n_used.float()
-    # 99%, or within two points of the reference's own reproducibility where that is lower (one item is 0.17 points;
-    # runs on this machine differ by an item or two), with a fifth of its passes
-    assert agree(ra) >= min(0.99, ceiling - 0.02) and used.mean() <= 100, (agree(ra), ceiling, used.mean())
+    # as often as two n=500 runs agree with each other, within a point (one item is 0.17 points), with a fifth of the passes
+    assert agree(ra) >= ceiling - 0.01 and used.mean() <= 100, (agree(ra), ceiling, used.mean())
     assert len(ra.n_used.unique()) > 3 and ra.n_used.min() == 10 and ra.n == ra.n_used.max()
     # the borderline items got the passes: the 5% nearest the threshold against the half farthest from it
     dist = (ref.mutual_info - thr).abs()
@@ -89,7 +88,7 @@ def test_auto_agrees_with_n500_reference(learn, dl):
     # items either way: a single comparison failed in CI at 0.983 against 0.978)
     budget = int(used.mean().round())
     fixed = [agree(learn.mc_predict(dl, n=budget, seed=s)) for s in (1, 2, 3)]
-    autos = [agree(ra)] + [agree(learn.mc_predict(dl, n='auto', threshold=thr, tol=1e-6, max_n=500, seed=s)) for s in (2, 3)]
+    autos = [agree(ra)] + [agree(learn.mc_predict(dl, n='auto', threshold=thr, max_n=500, seed=s)) for s in (2, 3)]
     assert sum(fixed) <= sum(autos), (fixed, autos)
 
 def test_auto_settles_each_score_within_tol(learn, dl):

@@ -146,7 +146,9 @@ def test_cli_risk_and_coverage_rules(vision, tmp_path):
     assert r.returncode == 0, r.stderr
     t = pd.read_csv(tmp_path/'cov'/'triage.csv', keep_default_na=False)
     sizes = t['conformal_set'].map(lambda s: len(s.split(';')) if s else 0)
-    assert (t['refer'] == (sizes != 1)).all() and t['refer'].any() and (~t['refer']).any()
+    assert (t['refer'] == (sizes > 1)).all() and t['refer'].any() and (~t['refer']).any()   # an empty APS set keeps its top class
+    assert (t.loc[sizes == 0, 'reason'].str.startswith('empty set: the top class alone')).all()
+    assert (t.loc[sizes > 1, 'reason'] == sizes[sizes > 1].map(lambda k: f'{k} classes in the set')).all()
     assert 'APS conformal prediction sets at coverage 90%' in r.stdout and 'fitted on 300 held-out items' in r.stdout
     page = (tmp_path/'cov'/'report.html').read_text()
     assert 'fitted on 300 held-out items' in page
