@@ -7,7 +7,7 @@ from __future__ import annotations
 from fastai.basics import *
 
 # %% auto #0
-__all__ = ['modes_kept', 'first_output', 'tensors_in', 'batch_device', 'n_items', 'map_tensors', 'plain_tensor']
+__all__ = ['modes_kept', 'unwrapped', 'first_output', 'tensors_in', 'batch_device', 'n_items', 'map_tensors', 'plain_tensor']
 
 # %% ../nbs/05_core.ipynb #dcdfd2ac
 @contextmanager
@@ -17,6 +17,12 @@ def modes_kept(model:nn.Module):
     try: yield model
     finally:
         for m,t in flags: m.training = t
+
+def unwrapped(model:nn.Module) -> nn.Module:
+    """The module inside a `DistributedDataParallel` wrapper (fastai's `distrib_ctx` puts one around `learn.model`), else
+    `model`: inference needs no gradient sync, and the wrapper's every forward broadcasts the buffers from process 0, a
+    collective that stalls or garbles the others when processes run different numbers of forwards"""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 # %% ../nbs/05_core.ipynb #4ac6399d
 def first_output(out):

@@ -258,8 +258,9 @@ class LastLayerLaplace:
 
     def forward(self, xb:tuple) -> tuple:
         "Raw model output on batch `xb`, its last-layer features and output covariances (model in eval mode)"
-        with _eval(self.learn.model), torch.no_grad(), _capture(self.lin) as st:
-            out = self.learn.model(*xb)
+        model = unwrapped(self.learn.model)   # no buffer broadcast per forward in a distributed run
+        with _eval(model), torch.no_grad(), _capture(self.lin) as st:
+            out = model(*xb)
             phi,f = _lin_outputs(st, out, self.lin, self.bias)
         return out, f, self.f_var(phi).to(f.device)
 

@@ -176,7 +176,7 @@ class MCSampler(Sampler):
         self.auto = ifnone(auto, AutoN()) if n == 'auto' else None
         super().__init__(kind, self.auto.max_n if self.auto else n)
         if max_bs is not None and max_bs < 1: raise ValueError(f"max_bs must be >= 1 or None, got {max_bs!r}")
-        self.model,self.max_bs,self.plan = model,max_bs,None   # the plan is probed on the first batch
+        self.model,self.max_bs,self.plan = unwrapped(model),max_bs,None   # the plan is probed on the first batch
         if self.auto:
             if self.kind.spatial: raise ValueError("n='auto' settles one score per item; segmentation results are maps: pass a fixed n")
             self.auto.check(self.kind)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/95_triage.ipynb #e4f9d174
 from __future__ import annotations
-import itertools, math, os, json, shutil, warnings
+import hashlib, itertools, math, os, json, shutil, warnings
 from contextlib import nullcontext
 from fastai.basics import *
 from fastai.data.transforms import get_image_files, image_extensions
@@ -202,8 +202,20 @@ def fit_triage_referral(
     items,targs = labelled_items(learn, calibrate_on, label_col)
     with (nullcontext() if progress else learn.no_bar()): res = learn.mc_predict(learn.dls.test_dl(items, bs=bs), n=n, seed=seed)
     res.targs = targs
-    learn.referral = referral_rule(res, risk, coverage, score, delta)
-    return learn.referral
+    try: rule = referral_rule(res, risk, coverage, score, delta)
+    except ValueError as e:
+        if coverage is None or 'too few' not in str(e): raise
+        raise TriageError(f"{len(res.targs)} held-out inputs are too few for coverage {coverage}: conformal sets at coverage c "
+                          f"need at least c/(1 - c) = {math.ceil(coverage/(1-coverage) - 1e-9)} of them. Pass more held-out "
+                          "inputs or a lower coverage") from None
+    if isinstance(rule, RiskThreshold) and rule.threshold == -math.inf:   # nothing would be kept: not a usable rule
+        m = math.ceil(math.log(delta)/math.log1p(-risk) - 1e-9)
+        raise TriageError(f"No threshold on {rule.score} keeps the error among kept inputs ≤ {risk:.1%} with probability "
+                          f"≥ {1-delta:.0%} on these {rule.n_cal} held-out inputs, so every input would be referred. Even with "
+                          f"no error at all a threshold needs {m} held-out inputs kept: pass more held-out inputs, a larger "
+                          "risk or a larger delta")
+    learn.referral = rule
+    return rule
 
 # %% ../nbs/95_triage.ipynb #6bd513c6
 def triage_rule(
@@ -343,6 +355,8 @@ def triage(
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise TriageError(f"chunk is a number of inputs (at least 1), got {chunk!r}")
     if chunk is not None and out is None: raise TriageError("chunk streams the rows into out/triage.csv: pass out")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise TriageError(f"out is the folder for triage.csv, the plots and report.html, and {out} is a file: name a folder")
     src = learn if isinstance(learn, (str, Path)) else None
     if src is not None: learn = load_triage_learner(src)
     auto = isinstance(n, str)
@@ -422,11 +436,22 @@ def _input_chunks(learn:Learner, inputs, chunk:int, start:int=0):
         raise TriageError(f"Cannot read {p} as a CSV file: {type(e).__name__}: {e}") from e
     if rows == 0 and start == 0: raise TriageError(f"{p} has no rows.")
 
+def _inputs_fingerprint(p:Path) -> str:
+    "A hash of every input a run reads: under a folder each image file's path, size and modification time, the whole tree; a CSV's bytes"
+    h = hashlib.sha1()
+    if p.is_dir():
+        for f in _iter_image_files(p):
+            st = f.stat(); h.update(f"{f.relative_to(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    else:
+        with open(p, 'rb') as fh:
+            for b in iter(lambda: fh.read(2**20), b''): h.update(b)
+    return h.hexdigest()
+
 def _run_key(learn:Learner, src, inputs, n, seed, chunk:int, rule) -> dict:
-    "What a resumed run must share with the interrupted one"
-    p = Path(inputs); st = p.stat()
+    "What a resumed run must share with the interrupted one: any input added, removed or changed anywhere starts it again"
+    p = Path(inputs)
     ls = Path(src).stat() if src is not None else None
-    return dict(inputs=str(p.resolve()), size=st.st_size, mtime=st.st_mtime_ns, chunk=chunk, n=str(n), seed=seed,
+    return dict(inputs=str(p.resolve()), fingerprint=_inputs_fingerprint(p), chunk=chunk, n=str(n), seed=seed,
                 rule=rule.describe(), learner=None if ls is None else [str(Path(src).resolve()), ls.st_size, ls.st_mtime_ns],
                 weights=float(sum(w.detach().double().abs().sum() for w in learn.model.parameters())))
 
@@ -457,6 +482,8 @@ def _triage_chunks(learn, src, inputs, n, rule, score, out:Path, bs, seed, progr
         except (OSError, ValueError): state = None
         if state is not None and state.get('key') == key: done = state['done']
         else:
+            if state is not None and progress:
+                print(f"Not resuming: the inputs, the learner or the options changed since the interrupted run in {out}: starting again.")
             shutil.rmtree(parts, ignore_errors=True); parts.mkdir(parents=True)
             state = dict(key=key, done=0, rows=[], score=None)
         if done and progress: print(f"Resuming: {done} chunk(s) of {chunk} inputs were finished by an earlier run.")

@@ -1,5 +1,5 @@
 "The `fastai_bayes_triage` console command on real exported learners: outputs, the report in a browser, bad input."
-import html as html_mod, math, re, shutil, subprocess, sys
+import html as html_mod, json, math, os, re, shutil, subprocess, sys
 from pathlib import Path
 import pytest
 from fastai.vision.all import *
@@ -75,6 +75,10 @@ def test_cli_bad_input(vision, tmp_path):
     assert 'must be in [0, 1)' in err(learner, inp, '--refer', 2)
     bad = tmp_path/'bad'; bad.mkdir(); (bad/'a.png').write_bytes(b'\x89PNG junk')
     assert 'None of the 1 image files' in err(learner, bad)
+    (tmp_path/'afile').write_text('x')
+    r = run_cli(learner, inp, '--out', tmp_path/'afile')
+    assert r.returncode == 1 and 'Traceback' not in r.stderr and 'is a file: name a folder' in r.stderr, r.stderr
+    assert (tmp_path/'afile').read_text() == 'x'
     h = run_cli('--help')
     assert h.returncode == 0 and 'only load files you trust' in h.stdout.replace('\n', ' ')
 
@@ -181,6 +185,13 @@ def test_cli_risk_and_coverage_rules(vision, tmp_path):
     shutil.copy(next(cal.rglob('*.png')), tmp_path/'badcal'/'seven'/'x.png')
     r = run_cli(learner, inp, '--risk', 0.05, '--heldout', tmp_path/'badcal')
     assert r.returncode == 1 and "Labels ['seven']" in r.stderr and 'one subfolder per class' in r.stderr
+    # too few held-out inputs for the rule asked for: an error that says how many, and the learner keeps its rule
+    few = demo_calibration(tmp_path/'few', n=5)
+    with pytest.raises(TriageError, match=r'every input would be referred\. Even with no error at all a threshold needs 45 held-out'):
+        fit_triage_referral(learn, few, risk=0.05, progress=False)
+    with pytest.raises(TriageError, match=r'5 held-out inputs are too few for coverage 0\.9: .* at least c/\(1 - c\) = 9 '):
+        fit_triage_referral(learn, few, coverage=0.9, progress=False)
+    assert learn.referral is rt
 
 def test_text_and_regression_csv(tmp_path):
     "A text classifier reads the CSV's text column; a regression learner is ranked by the spread of its passes"
@@ -219,3 +230,32 @@ def test_text_and_regression_csv(tmp_path):
     np.testing.assert_allclose(t[d.attrs['cont_names']].to_numpy(), d.iloc[350:][d.attrs['cont_names']].to_numpy())
     assert set(t.index[t.refer]) == set(t['std'].nlargest(math.ceil(0.1*len(t)), keep='first').index)
     assert (tmp_path/'r'/'report.html').exists()
+
+def test_resume_only_on_the_same_inputs(vision, tmp_path, monkeypatch, capsys):
+    "A chunked run interrupted before its join, then an image added, removed or replaced in a subfolder: the rerun starts again and writes what an uninterrupted run writes; unchanged inputs resume"
+    import fastai_bayes.triage as T
+    learner,inp = vision
+    files = sorted(inp.glob('*.png'))[:11]
+    def tree(root:Path) -> Path:
+        for i,f in enumerate(files[:9]): (root/f'd{i%3}').mkdir(parents=True, exist_ok=True); shutil.copy(f, root/f'd{i%3}'/f.name)
+        return root
+    def replace(root:Path):   # other pixels under the same name and modification time: only the size tells
+        dst = root/'d0'/files[0].name; st = dst.stat()
+        assert files[10].stat().st_size != st.st_size
+        shutil.copy(files[10], dst); os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+    changes = dict(same=lambda r: None, added=lambda r: shutil.copy(files[9], r/'d1'/files[9].name),
+                   removed=lambda r: (r/'d2'/files[2].name).unlink(), replaced=replace)
+    def boom(*a, **k): raise RuntimeError('interrupted')
+    kw = dict(n=4, refer=0.2, chunk=4, bs=4)
+    for k,change in changes.items():
+        root,out = tree(tmp_path/k),tmp_path/f'out_{k}'
+        with monkeypatch.context() as m:
+            m.setattr(T, '_join_parts', boom)
+            with pytest.raises(RuntimeError, match='interrupted'): triage(learner, root, out=out, progress=False, **kw)
+        assert json.loads((out/'.triage_parts'/'state.json').read_text())['done'] == 3
+        change(root); capsys.readouterr()
+        triage(learner, root, out=out, progress=True, **kw)
+        said = capsys.readouterr().out
+        triage(learner, root, out=tmp_path/f'ref_{k}', progress=False, **kw)   # never interrupted
+        assert (out/'triage.csv').read_bytes() == (tmp_path/f'ref_{k}'/'triage.csv').read_bytes(), k
+        assert ('Resuming: 3 chunk(s)' in said) == (k == 'same') and ('Not resuming' in said) == (k != 'same'), (k, said[-500:])
