@@ -5,15 +5,15 @@
 # %% ../nbs/56_conformal.ipynb #044d6c80
 from __future__ import annotations
 from fastai.basics import *
-from scipy.stats import binom
+from scipy.stats import binom, fisher_exact
 from .core import *
 from .predictions import MCPredictions
 from .metrics import correct
 from .calibration import lead_learner, check_held_out
 
 # %% auto #0
-__all__ = ['item_uniforms', 'Conformal', 'conformal_quantile', 'conformal', 'plot_conformal', 'RiskThreshold', 'risk_threshold',
-           'referral_rule']
+__all__ = ['SHIFT_ALPHA', 'item_uniforms', 'Conformal', 'conformal_quantile', 'conformal', 'plot_conformal', 'RiskThreshold',
+           'risk_threshold', 'referral_rule', 'shift_test', 'shift_warning']
 
 # %% ../nbs/56_conformal.ipynb #859e4e7d
 _CLF_METHODS,_REG_METHODS = ('lac','aps','raps'),('abs','std')
@@ -262,7 +262,32 @@ def referral_rule(
     rule = (risk_threshold(res, score or 'mutual_info', risk, delta) if risk is not None
             else conformal(res, round(1 - coverage, 12), method))
     rule.n = res.n
+    if res.kind != 'identity': rule.referred_cal = int(rule.refer(res).sum())   # held-out referrals: for `shift_test`
     return rule
+
+SHIFT_ALPHA = 0.01   # the rate at which `shift_warning` fires on pools like the held-out data
+
+def shift_test(
+    rule:RiskThreshold|Conformal, # A rule from `referral_rule` (it records how many held-out items it referred)
+    referred:int, # Inputs of the pool it referred
+    n:int, # Inputs in the pool
+) -> float|None:
+    """Two-sided p-value of Fisher's exact test that the pool's referral rate equals the held-out data's: the guarantee
+    assumes inputs exchangeable with the held-out ones, and then the two rates differ only by chance. None when the rule
+    records no held-out count (a regression, or a rule fitted before this was recorded)"""
+    k = getattr(rule, 'referred_cal', None)
+    if k is None or n < 1: return None
+    return float(fisher_exact([[referred, n - referred], [k, rule.n_cal - k]])[1])
+
+def shift_warning(rule, referred:int, n:int, alpha:float=SHIFT_ALPHA) -> str|None:
+    "A warning in words when `shift_test` rejects at level `alpha` (the false-alarm rate on pools like the held-out data), else None"
+    p = shift_test(rule, referred, n)
+    if p is None or p >= alpha: return None
+    k,m = rule.referred_cal,rule.n_cal
+    return (f"These inputs do not look like the held-out data the rule was fitted on: {referred/n:.1%} of them were referred, "
+            f"against {k/m:.1%} of the {m} held-out inputs (Fisher's exact test, p = {p:.2g}; this warning comes up for "
+            f"{alpha:.0%} or fewer of pools like the held-out data). The guarantee assumes inputs like the held-out data, so it "
+            "may not hold for these")
 
 @patch
 def fit_referral(self:Learner,

@@ -107,6 +107,7 @@ def _thumb(f:Path, size:int=64) -> str:
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:middle}
 tr.refer td{background:#fff1e0}.note{color:#555;font-size:14px}img.plot{max-width:100%}code{background:#f3f3f3;padding:0 3px}
+.warn{background:#fff4d6;border-left:4px solid #e0a000;padding:6px 10px}
 .wide{overflow-x:auto}td.input{max-width:32em}th.input{background:#f4f7fb}summary{cursor:pointer}details[open] summary{color:#777}"""
 
 _LOADED_JS = """<script>window.addEventListener('load',()=>{const i=[...document.images];
@@ -141,6 +142,7 @@ def triage_html(
              f"<h1>Triage report</h1><p>{e(source)}</p>",
              f"<p><b>{len(df)}</b> inputs, <b>{a['n']}</b> Monte Carlo passes each. <b>{nr}</b> ({a['refer']:.0%}) "
              f"referred to a person. <b>Rule:</b> {e(a['rule'])}.</p>",
+             f"<p class='warn'><b>Warning:</b> {e(a['shift'])}.</p>" if a.get('shift') else '',
              "<p class='note'>Mutual information (BALD) is high when the passes disagree, which happens on inputs unlike "
              "the training data; predictive entropy is also high when the model is consistently unsure (ambiguous "
              "inputs). A referred input should be decided by a person: the model's answer for it is not reliable.</p>"]

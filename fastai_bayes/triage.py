@@ -15,7 +15,7 @@ from PIL import Image
 from .predictions import *
 from .uncertainty import output_kind
 from .sampling import AutoN
-from .conformal import Conformal, RiskThreshold, referral_rule
+from .conformal import Conformal, RiskThreshold, referral_rule, shift_warning
 from .active import top_k
 from .report import *
 from .distributed import *
@@ -293,7 +293,7 @@ def triage_df(
         cols = list(inp.columns)
         df = pd.concat([df[['item']], inp, df.drop(columns='item')], axis=1)
     df.attrs.update(score=score, refer=float(flags.double().mean()), threshold=thresh, n=res.n, kind=res.kind,
-                    input_cols=cols, rule=rule.describe(), n_used=None)
+                    input_cols=cols, rule=rule.describe(), n_used=None, shift=shift_warning(rule, int(flags.sum()), len(df)))
     if res.auto is not None:   # n='auto': how many passes the decisions needed
         u = res.n_used.double()
         df['n_used'] = res.n_used.numpy()
@@ -393,6 +393,7 @@ def triage_summary(df:pd.DataFrame, out:str|Path|None=None) -> str:
               f"referral was settled: mean {u['mean']:.1f}, median {u['median']:.0f}, most {u['max']}; {u['at_max']} at the "
               f"cap of {u['max_n']})")
     lines = [f"Triaged {len(df)} inputs with {passes}: {nr} referred to a person ({a['refer']:.0%}). Rule: {a['rule']}."]
+    if a.get('shift'): lines.append(f"Warning: {a['shift']}.")
     sk = a.get('skipped') or []
     if sk: lines.append(f"Skipped {len(sk)} unreadable input(s), e.g. {sk[0][0]} ({sk[0][1]})" +
                         (f"; all listed in {Path(out)/'skipped.csv'}." if out is not None else '.'))
@@ -536,7 +537,7 @@ def _join_parts(parts:Path, state:dict, out:Path, rule, fixed:bool, n, inputs, i
     thresh = getattr(rule, 'threshold', None)
     df.attrs.update(score=score, refer=float(df['refer'].mean()), threshold=thresh if thresh is None or math.isfinite(thresh) else None,
                     n=n if not isinstance(n, str) else int(df['n_used'].max()), input_cols=[], rule=rule.describe(),
-                    n_used=None, skipped=skipped)
+                    n_used=None, skipped=skipped, shift=shift_warning(rule, int(df['refer'].sum()), len(df)))
     if 'n_used' in df and isinstance(n, str):
         u,cap = torch.from_numpy(df['n_used'].to_numpy()).double(),AutoN().max_n
         df.attrs['n_used'] = dict(mean=u.mean().item(), median=u.median().item(), max=int(u.max()), at_max=int((u >= cap).sum()),

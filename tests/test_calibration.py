@@ -232,3 +232,27 @@ def test_risk_threshold_guarantee_over_splits(mnist):
     assert np.mean(ok_ltt) >= 1 - delta, np.mean(ok_ltt)
     assert np.mean(ok_naive) < 1 - delta, np.mean(ok_naive)      # the check has power
     assert np.mean(kept) > 0.3, f"the certified threshold keeps {np.mean(kept):.2f} of the items: too timid to be useful"
+
+def test_shift_warning_false_alarm_rate_and_power(mnist):
+    """The exchangeability check of a referral rule: over 400 splits of held-out digits into a calibration set and a pool
+    like it, the warning comes up at most at its stated rate (1%, up to 2 standard errors) for a certified threshold and
+    for conformal sets; a pool half of which is animal silhouettes gets it"""
+    learn, res = mnist
+    n_cal, n_pool, k = 500, 500, 400
+    alarms = {'risk': 0, 'coverage': 0}
+    for c,t in random_splits(len(res), n_cal, k, seed=7):
+        pool = res[t[:n_pool]]
+        for name,rule in (('risk', referral_rule(res[c], risk=0.05)), ('coverage', referral_rule(res[c], coverage=0.9))):
+            assert rule.n_cal == n_cal and 0 <= rule.referred_cal <= n_cal
+            alarms[name] += shift_warning(rule, int(rule.refer(pool).sum()), n_pool) is not None
+    bound = SHIFT_ALPHA + 2*math.sqrt(SHIFT_ALPHA*(1 - SHIFT_ALPHA)/k)
+    assert all(a/k <= bound for a in alarms.values()), (alarms, bound)
+    # power: 250 held-out digits and 250 animal silhouettes
+    df = animal_silhouettes(250, seed=2)
+    with learn.no_bar(): ani = learn.mc_predict(learn.dls.test_dl([df.attrs['path']/f for f in df['fname']]), n=20, seed=0)
+    c,t = next(random_splits(len(res), n_cal, 1, seed=8))
+    for rule in (referral_rule(res[c], risk=0.05), referral_rule(res[c], coverage=0.9)):
+        referred = int(rule.refer(res[t[:250]]).sum() + rule.refer(ani).sum())
+        w = shift_warning(rule, referred, 500)
+        assert w is not None and shift_test(rule, referred, 500) < SHIFT_ALPHA and 'may not hold for these' in w
+    assert shift_test(object(), 10, 100) is None   # a rule that records no held-out count: no test

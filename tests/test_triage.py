@@ -131,16 +131,18 @@ def test_demo_refers_more_with_more_animals(tmp_path):
     learn = load_triage_learner(demo_learner(progress=False))
     rule = fit_triage_referral(learn, demo_calibration(), risk=DEMO_RISK, progress=False)
     assert isinstance(rule, RiskThreshold) and math.isfinite(rule.threshold) and rule.n_cal == 1000
-    shares = []
+    shares,shifts = [],[]
     for na in (0, 50, 200):
         t = triage(learn, demo_inputs(tmp_path/f'in{na}', n_digits=200, n_animals=na), out=None, progress=False)
         assert t.attrs['rule'] == rule.describe()            # the learner's fitted rule is the default
-        shares.append(t.refer.mean())
+        shares.append(t.refer.mean()); shifts.append(t.attrs['shift'])
         dig = t['item'].str.startswith('digit_')
         kept = dig & ~t.refer
         wrong = t.loc[kept, 'pred'] != t.loc[kept, 'item'].str.extract(r'_(\d)\.png$')[0]
         assert wrong.mean() <= DEMO_RISK + 0.05, wrong.mean()   # 200 digits: the guarantee's rate within noise
     assert shares[0] < shares[1] < shares[2] and shares[2] - shares[0] > 0.2, shares
+    # half animals: the summary says the inputs do not look like the held-out digits; held-out-like digits: no warning
+    assert shifts[0] is None and shifts[2] is not None and 'Warning: These inputs do not look like the held-out data' in triage_summary(t)
 
 def test_cli_risk_and_coverage_rules(vision, tmp_path):
     "--risk/--coverage fit on labelled held-out folders; a learner exported with its referral uses it; errors say what to pass"
