@@ -25,14 +25,15 @@ def _cli_arg(help:str, type:type, **kwargs):
     "A command-line argument's annotation: `Param` in fastcore 1, `Annotated` in fastcore 2"
     return Param(help, type, **kwargs) if Param is not None else Annotated[type, help, kwargs]
 
-class _Stopped(Exception): "This process was asked to stop (SIGTERM)"
+class _Stopped(BaseException): "This process was asked to stop (SIGTERM): not an `Exception`, so no handler on the way wraps it"
 
 def _stop(signum, frame): raise _Stopped(f"stopped by signal {signal.Signals(signum).name}")
 
 def _stopped_msg(e:Exception, out:str, chunk:int|None) -> str:
     "What a process of a run that did not finish says: why, what was (not) written, how to go on"
     who = f"process {rank_distrib()} of {num_distrib()}" if num_distrib() > 1 else "the run"
-    why = str(e) if isinstance(e, _Stopped) else f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+    why = (str(e) if isinstance(e, _Stopped) else 'interrupted (Ctrl-C)' if isinstance(e, KeyboardInterrupt) else
+           f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}")
     cause = "; another process of this run failed or was stopped" if num_distrib() > 1 else ""
     keep = (f" The chunks finished so far are kept in {out}/.triage_parts: run the same command again to resume."
             if chunk else " Run the command again (with --chunk N a rerun resumes after the last finished chunk).")
@@ -55,6 +56,8 @@ def fastai_bayes_triage(
     heldout:_cli_arg("Labelled held-out inputs to fit --risk or --coverage on: a folder with one subfolder per "
                           "class, or a CSV with the target column. Never inputs the learner was trained on", str)=None,
     target:_cli_arg("Target column of a --heldout CSV (default: the learner's, else 'label')", str)=None,
+    referral:_cli_arg("The referral.pkl an earlier run with --heldout wrote: refer by its fitted rule, with no "
+                      "held-out fit (only load files you trust)", str)=None,
     score:_cli_arg("Score to rank by (default: mutual_info; std for regression)", str,
                 choices=list(SCORES))=None,
     out:str='triage', # Output folder: triage.csv, the plots, report.html
@@ -64,7 +67,8 @@ def fastai_bayes_triage(
                    "run resumes after its last finished chunk when the same command is run again", int)=None,
 ):
     "Triage new inputs with an exported fastai learner: predictions, a refer-to-a-person flag, plots and an HTML report"
-    rule = dict(refer=refer, risk=risk, coverage=coverage, delta=delta, calibrate_on=heldout, label_col=target, chunk=chunk)
+    rule = dict(refer=refer, risk=risk, coverage=coverage, delta=delta, calibrate_on=heldout, label_col=target, chunk=chunk,
+                referral=referral)
     signal.signal(signal.SIGTERM, _stop)   # a launcher ends the other processes with SIGTERM when one fails
     main = rank_distrib() == 0
     try:
@@ -83,7 +87,8 @@ def fastai_bayes_triage(
             df = triage(learner, inputs, n, score=score, out=out, bs=bs, seed=seed, **rule)
             if main: print()
     except (TriageError, ValueError) as e: sys.exit(f"fastai_bayes_triage: error: {e}")
-    except Exception as e:   # under a launcher: another process failed (its collective broke), or this one was stopped
-        if num_distrib() <= 1 and not isinstance(e, _Stopped): raise
+    except (_Stopped, KeyboardInterrupt) as e: sys.exit(_stopped_msg(e, out, chunk))   # SIGTERM, Ctrl-C
+    except Exception as e:   # under a launcher: another process failed (its collective broke)
+        if num_distrib() <= 1: raise
         sys.exit(_stopped_msg(e, out, chunk))
     if main and df is not None: print(triage_summary(df, out))

@@ -22,7 +22,8 @@ from .distributed import *
 
 # %% auto #0
 __all__ = ['TriageError', 'load_triage_learner', 'learner_input', 'needed_columns', 'triage_items', 'TopFraction',
-           'labelled_items', 'fit_triage_referral', 'triage_rule', 'triage_df', 'triage', 'triage_summary']
+           'labelled_items', 'fit_triage_referral', 'triage_rule', 'triage_df', 'load_referral', 'triage',
+           'triage_summary']
 
 # %% ../nbs/95_triage.ipynb #1f56a2da
 class TriageError(ValueError):
@@ -226,6 +227,7 @@ def triage_rule(
     delta:float=0.1, # With `risk`: allowed probability that the guarantee fails
     score:str|None=None, # Ranking score
     calibrate_on:str|Path|None=None, # Labelled held-out inputs to fit `risk`/`coverage` on
+    referral:RiskThreshold|Conformal|None=None, # A fitted rule to use instead of the learner's `referral`
     **kwargs, # Passed to `fit_triage_referral` (n, bs, seed, progress, label_col)
 ):
     "The referral rule `triage` uses: the option given, else the learner's fitted `referral`, else the top 5%"
@@ -235,8 +237,10 @@ def triage_rule(
         if v is not None and not 0 < v < 1: raise TriageError(f"{nm} must lie in (0, 1), got {v}")
     if calibrate_on is not None and not (risk or coverage):
         raise TriageError("calibrate_on fits a rule with a guarantee: pass risk or coverage with it")
+    if referral is not None and (refer is not None or calibrate_on is not None):
+        raise TriageError("referral reuses a fitted rule: pass it without refer and calibrate_on")
     if refer is not None: return TopFraction(refer, score)
-    stored = getattr(learn, 'referral', None)
+    stored = referral if referral is not None else getattr(learn, 'referral', None)
     if risk is None and coverage is None: return stored if stored is not None else TopFraction(0.05, score)
     if calibrate_on is not None: return fit_triage_referral(learn, calibrate_on, risk, coverage, delta, score, **kwargs)
     if stored is not None and _rule_matches(stored, risk, coverage, delta): return stored
@@ -322,6 +326,23 @@ def _on_launcher_gpu(learn:Learner):
         torch.cuda.set_device(dev)
         learn.dls.to(dev); learn.model.to(dev)
 
+def load_referral(f:str|Path|RiskThreshold|Conformal) -> RiskThreshold|Conformal:
+    "The fitted rule in `f`, the referral.pkl a run with `calibrate_on` (--heldout) wrote (it runs code: only load files you trust)"
+    if isinstance(f, (RiskThreshold, Conformal)): return f
+    p,how = Path(f),"pass the referral.pkl that a run with --heldout (calibrate_on) wrote"
+    if not p.is_file(): raise TriageError(f"Referral file {p} does not exist: {how}")
+    try: rule = torch.load(p, weights_only=False)
+    except Exception as e: raise TriageError(f"{p} is not a referral file ({type(e).__name__}): {how}") from None
+    if not isinstance(rule, (RiskThreshold, Conformal)): raise TriageError(f"{p} holds a {type(rule).__name__}, not a referral rule: {how}")
+    return rule
+
+_OUTPUTS = ('triage.csv', 'report.html', 'uncertainty_scores.png', 'predictions.png', 'uncertainty_maps.png',
+            'most_uncertain_inputs.png', 'skipped.csv', 'referral.pkl')
+
+def _clear_outputs(out:Path):
+    "Delete what an earlier run wrote into `out`: a run that stops leaves none of another run's files"
+    for f in _OUTPUTS: (out/f).unlink(missing_ok=True)
+
 def _write_report(df:pd.DataFrame, out:Path, files, skipped:list, inputs, rule, calibrate_on, maps:bytes|None=None):
     plots = {'Uncertainty scores': figure_png(plot_triage_scores(df))}
     if any(c == 'pred' or c.startswith('mean') for c in df.columns):   # a segmentation predicts a mask: shown in the maps
@@ -349,6 +370,7 @@ def triage(
     calibrate_on:str|Path|None=None, # Labelled held-out inputs to fit `risk` or `coverage` on
     label_col:str|None=None, # With `calibrate_on` as a CSV: the target column
     chunk:int|None=None, # Stream the inputs this many at a time into `out` (bounded memory, resumable); None: all at once
+    referral:str|Path|RiskThreshold|Conformal|None=None, # A fitted rule, or the referral.pkl a run with `calibrate_on` wrote
 ) -> pd.DataFrame|None:
     "Predict on `inputs` with `n` MC passes, flag the inputs to refer to a person by the rule (see `triage_rule`), and write a CSV, plots and a report"
     if refer is not None: _check_refer(refer)  # before the learner is loaded and the passes run
@@ -359,12 +381,15 @@ def triage(
         raise TriageError(f"out is the folder for triage.csv, the plots and report.html, and {out} is a file: name a folder")
     src = learn if isinstance(learn, (str, Path)) else None
     if src is not None: learn = load_triage_learner(src)
+    if referral is not None: referral = load_referral(referral)
+    p,_ = _inputs_path(learn, inputs)   # the inputs checked before a held-out fit, which can take minutes
+    if not p.is_dir(): _check_csv(learn, p)
     auto = isinstance(n, str)
     if auto and n != 'auto': raise TriageError(f"n is a number of passes or 'auto', not {n!r}")
     _on_launcher_gpu(learn)
     with learn.distrib_predict_ctx():   # under a launcher: every process predicts its shard, all get every result
         rule = triage_rule(learn, refer, risk, coverage, delta, score, calibrate_on, n=20 if auto else ifnone(n, 20), bs=bs,
-                           seed=seed, progress=progress, label_col=label_col)
+                           seed=seed, progress=progress, label_col=label_col, referral=referral)
         n = ifnone(n, getattr(rule, 'n', 20))
         if isinstance(rule, Conformal) and seed is not None:   # each input's set a function of the input: the same row
             rule = copy(rule); rule.seed = seed                # whatever else is in the folder, chunked or not
@@ -372,7 +397,7 @@ def triage(
             return _triage_chunks(learn, src, inputs, n, rule, score, Path(out), bs, seed, progress, auto, chunk, calibrate_on)
         items,names,skipped,table = triage_items(learn, inputs)
         dl = learn.dls.test_dl(items, bs=bs)
-        if out is not None and rank_distrib() == 0: (Path(out)/'triage.csv').unlink(missing_ok=True)   # no older run's file if this one fails
+        if out is not None and rank_distrib() == 0: _clear_outputs(Path(out))   # no older run's files if this one fails
         with (nullcontext() if progress else learn.no_bar()):
             res = learn.mc_predict(dl, n=n, seed=seed, **_auto_opts(learn, rule, score, auto))
     df = triage_df(res, names, rule, score, inputs=table)
@@ -478,7 +503,7 @@ def _triage_chunks(learn, src, inputs, n, rule, score, out:Path, bs, seed, progr
     key,done = _run_key(learn, src, inputs, n, seed, chunk, rule),0
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        (out/'triage.csv').unlink(missing_ok=True)   # never an older run's file beside this run's parts
+        _clear_outputs(out)   # never an older run's files beside this run's parts
         try: state = json.loads((parts/'state.json').read_text())
         except (OSError, ValueError): state = None
         if state is not None and state.get('key') == key: done = state['done']

@@ -112,6 +112,9 @@ def test_tabular_csv(tmp_path):
     new.drop(columns=[a['cont_names'][0], a['cat_names'][0]]).to_csv(tmp_path/'short.csv', index=False)
     r = run_cli(tmp_path/'adult.pkl', tmp_path/'short.csv', '--out', tmp_path/'o2')
     assert r.returncode == 1 and f"lacks the learner's columns {[a['cat_names'][0], a['cont_names'][0]]}" in r.stderr
+    # checked before the held-out fit: that fit would fail on this held-out file, which has no target column
+    r = run_cli(tmp_path/'adult.pkl', tmp_path/'short.csv', '--risk', 0.1, '--heldout', tmp_path/'rows.csv', '--out', tmp_path/'o3')
+    assert r.returncode == 1 and "lacks the learner's columns" in r.stderr and 'target column' not in r.stderr, r.stderr
     assert 'holds no image files' not in r.stderr and 'pass a CSV file' in run_cli(tmp_path/'adult.pkl', tmp_path).stderr
 
 def test_demo_default(tmp_path):
@@ -160,6 +163,14 @@ def test_cli_risk_and_coverage_rules(vision, tmp_path):
     assert 'fitted on 300 held-out items' in page
     rule = torch.load(tmp_path/'cov'/'referral.pkl', weights_only=False)
     assert isinstance(rule, Conformal) and rule.n == 8
+    # the written rule reused on the next pool: no held-out fit, the same rule in the report
+    r = run_cli(learner, inp, '--referral', tmp_path/'cov'/'referral.pkl', '--out', tmp_path/'reuse')
+    assert r.returncode == 0 and 'fitted on 300 held-out items' in r.stdout and not (tmp_path/'reuse'/'referral.pkl').exists(), r.stderr
+    assert pd.read_csv(tmp_path/'reuse'/'triage.csv', keep_default_na=False)['conformal_set'].equals(t['conformal_set'])
+    r = run_cli(learner, inp, '--referral', learner, '--out', tmp_path/'bad')
+    assert r.returncode == 1 and 'not a referral rule: pass the referral.pkl that a run with --heldout' in r.stderr, r.stderr
+    r = run_cli(learner, inp, '--referral', tmp_path/'cov'/'referral.pkl', '--refer', 0.1)
+    assert r.returncode == 1 and 'referral reuses a fitted rule: pass it without refer and calibrate_on' in r.stderr
     # stored with the learner: fit_referral, export, and the command uses it with no option
     learn = load_learner(learner)
     rt = fit_triage_referral(learn, cal, risk=0.1, progress=False)
@@ -261,3 +272,23 @@ def test_resume_only_on_the_same_inputs(vision, tmp_path, monkeypatch, capsys):
         triage(learner, root, out=tmp_path/f'ref_{k}', progress=False, **kw)   # never interrupted
         assert (out/'triage.csv').read_bytes() == (tmp_path/f'ref_{k}'/'triage.csv').read_bytes(), k
         assert ('Resuming: 3 chunk(s)' in said) == (k == 'same') and ('Not resuming' in said) == (k != 'same'), (k, said[-500:])
+
+def test_stopped_run_says_so_and_leaves_no_older_run(vision, tmp_path):
+    "SIGTERM or Ctrl-C during a run: a one-line error saying what was not written, no traceback, and none of an older run's files left beside it"
+    import signal, time
+    learner,inp = vision
+    old = ('triage.csv', 'report.html', 'uncertainty_scores.png', 'skipped.csv')
+    for sig,why in ((signal.SIGTERM, 'stopped by signal SIGTERM'), (signal.SIGINT, 'interrupted (Ctrl-C)')):
+        out = tmp_path/sig.name; out.mkdir()
+        for f in old: (out/f).write_text('an older run')
+        p = subprocess.Popen([CMD, str(learner), str(inp), '--n', '20000', '--out', str(out)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        t0 = time.time()
+        while (out/'triage.csv').exists():        # deleted just before the passes start
+            assert p.poll() is None and time.time() - t0 < 120, p.communicate()
+            time.sleep(0.05)
+        time.sleep(0.5); p.send_signal(sig)
+        so,se = p.communicate(timeout=120)
+        assert p.returncode == 1 and 'Traceback' not in se, se[-3000:]
+        assert f'fastai_bayes_triage: error: the run stopped before the end ({why}). No {out}/triage.csv was written.' in se, se
+        assert not any((out/f).exists() for f in old), list(out.iterdir())
